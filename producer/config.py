@@ -1,0 +1,107 @@
+"""Options from a TOML file and from flags, merged into one RunSpec (flags win over the file).
+
+The file may be flat (`temperature = 0.7`) or use tables ([generation], [model], [columns],
+[quantization_config]); it also takes the names users bring from fine-tuning suites.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+from typing import Any, Mapping
+
+from shardgen.schemas.errors import InvalidParameter
+from shardgen.schemas.model import ModelSpec
+from shardgen.schemas.run import ColumnMapping, RunSpec
+from shardgen.schemas.sampling import ALIASES as PARAM_ALIASES
+from shardgen.schemas.sampling import SamplingParams
+
+CONFIG_ALIASES = {
+    "question_column": "prompt_column",
+    "system_prompt_column": "system_column",
+    "max_sequence_length": "max_prompt_tokens",
+    "model_id": "model",
+    "model_name": "model",
+    "input_file": "input",
+    "dataset": "input",
+    "output_file": "output",
+    "split_name": "split",
+}
+TABLES = ("generation", "sampling", "params", "model", "columns", "run", "worker")
+
+COLUMN_FIELDS = {f.name for f in dataclasses.fields(ColumnMapping)}
+MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelSpec)}
+PARAM_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)} | set(PARAM_ALIASES) | {"do_sample"}
+RUN_FIELDS = {"input", "split", "limit", "shard_size", "chat_template", "max_prompt_tokens", "max_retries"}
+RUNTIME_FIELDS = {"device", "batch_size", "work_dir", "broker", "output", "hf_token", "allow_partial", "compile"}
+BNB_SHORTCUTS = {"load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype"}
+ALL_FIELDS = COLUMN_FIELDS | MODEL_FIELDS | PARAM_FIELDS | RUN_FIELDS | RUNTIME_FIELDS
+
+
+def load_config(path: str | Path | None) -> dict[str, Any]:
+    """A flat dict of canonical option names from a TOML file (empty without one)."""
+    if path is None:
+        return {}
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InvalidParameter(f"config file {path} does not exist", "check the --config path") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidParameter(f"config file {path} is not valid TOML: {exc}", "fix the file") from None
+    return normalize(raw, source=str(path))
+
+
+def normalize(raw: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    quantization: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "quantization_config":
+            if not isinstance(value, Mapping):
+                raise InvalidParameter(f"quantization_config in {source} must be a table")
+            quantization.update(value)
+        elif key in TABLES and isinstance(value, Mapping):
+            nested = normalize(value, source)
+            quantization.update(nested.pop("quantization_config", {}))
+            flat.update(nested)
+        elif key in BNB_SHORTCUTS:
+            quantization[key] = value
+        else:
+            name = CONFIG_ALIASES.get(key, key)
+            if name not in ALL_FIELDS:
+                raise InvalidParameter(f"unknown option {key!r} in {source}", "see `shardgen run --help` for the names")
+            flat[name] = value
+    if quantization:
+        flat["quantization_config"] = quantization
+    return flat
+
+
+def merge(file_options: Mapping[str, Any], flag_options: Mapping[str, Any]) -> dict[str, Any]:
+    """Flags given on the command line (not None) override the file."""
+    merged = dict(file_options)
+    for key, value in flag_options.items():
+        if value is None or value == ():
+            continue
+        merged[key] = value
+    return merged
+
+
+def build_run_spec(options: Mapping[str, Any], **fixed: Any) -> RunSpec:
+    """The validated RunSpec for merged options; every invalid value is refused here, before any work."""
+    pick = lambda names: {k: v for k, v in options.items() if k in names and v is not None}  # noqa: E731
+    if "input" not in options or not options["input"]:
+        raise InvalidParameter("no input given", "pass a dataset file, directory or hub name as INPUT")
+    quantize = options.get("quantize")
+    model_fields = pick(MODEL_FIELDS - {"quantize"})
+    if quantize is not None:
+        model_fields["quantize"] = quantize
+    run_fields = pick(RUN_FIELDS)
+    run_fields["input"] = str(run_fields["input"])
+    return RunSpec(
+        columns=ColumnMapping(**pick(COLUMN_FIELDS)),
+        model=ModelSpec(**model_fields),
+        params=SamplingParams.from_mapping(pick(PARAM_FIELDS)),
+        **run_fields,
+        **fixed,
+    )

@@ -1,0 +1,169 @@
+"""Read a dataset through `datasets` and map its columns to InputRows, shard by shard."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from shardgen.schemas.errors import InputError
+from shardgen.schemas.run import ColumnMapping, RunSpec
+from shardgen.schemas.shard import InputRow, Shard
+
+FORMATS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+PROMPT_COLUMN_GUESSES = ("prompt", "question", "instruction", "input", "text", "query")
+MESSAGES_COLUMN_GUESSES = ("messages", "conversation", "conversations")
+
+
+@dataclass
+class ResolvedColumns:
+    prompt: str | None
+    messages: str | None
+
+
+def load_dataset_table(source: str, split: str | None = None, limit: int | None = None) -> Any:
+    """A `datasets.Dataset` for a file, a save_to_disk directory or a hub name; errors are one line."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    path = Path(source).expanduser()
+    try:
+        if path.is_dir():
+            if not any((path / marker).exists() for marker in ("dataset_info.json", "state.json", "dataset_dict.json")):
+                raise InputError(f"{path} is a directory but not a saved dataset", "pass a file, or a directory written by save_to_disk")
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                loaded = _pick_split(loaded, split, source)
+        elif path.exists():
+            fmt = FORMATS.get(path.suffix.lower())
+            if fmt is None:
+                raise InputError(
+                    f"unsupported input format {path.suffix or '(no extension)'} for {path}",
+                    "use .jsonl, .json, .csv or .parquet, or a save_to_disk directory",
+                )
+            if not os.access(path, os.R_OK):
+                raise InputError(f"cannot read {path}: permission denied", "check the file's permissions")
+            loaded = datasets.load_dataset(fmt, data_files=str(path), split="train")
+        elif _looks_like_path(source):
+            raise InputError(f"input file {source} does not exist", "check the path")
+        else:
+            loaded = datasets.load_dataset(source, split=split or "train")
+    except InputError:
+        raise
+    except FileNotFoundError as exc:
+        raise InputError(f"cannot find dataset {source}: {_first_line(exc)}", "check the path or the hub name") from None
+    except Exception as exc:  # datasets wraps parser errors in many types; the user needs one line
+        where = "the hub" if not path.exists() else str(path)
+        raise InputError(
+            f"cannot read dataset {source} from {where}: {_first_line(exc)}",
+            "check that the file is valid and complete" if path.exists() else "check the name and the network, or pass a local file",
+        ) from None
+    if limit is not None:
+        loaded = loaded.select(range(min(limit, len(loaded))))
+    if len(loaded) == 0:
+        raise InputError(f"dataset {source} has no rows", "pass a file with at least one row")
+    return loaded
+
+
+def _pick_split(dataset_dict: Any, split: str | None, source: str) -> Any:
+    names = list(dataset_dict.keys())
+    chosen = split or ("train" if "train" in names else names[0])
+    if chosen not in dataset_dict:
+        raise InputError(f"dataset {source} has no split {chosen!r}", f"use --split with one of {', '.join(names)}")
+    return dataset_dict[chosen]
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or Path(source).suffix.lower() in FORMATS or source.count("/") > 1 or bool(
+        re.search(r"\s", source)
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def resolve_columns(columns: ColumnMapping, available: list[str]) -> ResolvedColumns:
+    """Check every named column exists; guess the prompt column when none is named."""
+    named = {
+        "--prompt-column": columns.prompt_column,
+        "--messages-column": columns.messages_column,
+        "--system-column": columns.system_column,
+        "--id-column": columns.id_column,
+        "--ground-truth-column": columns.ground_truth_column,
+    }
+    checks = list(named.items()) + [("--keep-columns", c) for c in columns.keep_columns]
+    for flag, name in checks:
+        if name is not None and name not in available:
+            raise InputError(f"column {name!r} ({flag}) is not in the input", f"available columns: {', '.join(available)}")
+    if columns.prompt_column or columns.messages_column:
+        return ResolvedColumns(columns.prompt_column, columns.messages_column)
+    for name in PROMPT_COLUMN_GUESSES:
+        if name in available:
+            return ResolvedColumns(name, None)
+    for name in MESSAGES_COLUMN_GUESSES:
+        if name in available:
+            return ResolvedColumns(None, name)
+    raise InputError(
+        "no prompt column found in the input",
+        f"name one with --prompt-column or --messages-column (available: {', '.join(available)})",
+    )
+
+
+def to_input_row(index: int, record: dict[str, Any], columns: ColumnMapping, resolved: ResolvedColumns) -> InputRow:
+    row = InputRow(index=index, id=str(record[columns.id_column]) if columns.id_column else str(index))
+    row.keep = {c: record.get(c) for c in columns.keep_columns}
+    if columns.ground_truth_column:
+        row.ground_truth = record.get(columns.ground_truth_column)
+    if columns.system_column:
+        system = record.get(columns.system_column)
+        row.system = str(system) if system not in (None, "") else None
+    if resolved.messages:
+        row.messages, row.error = _messages(record.get(resolved.messages), resolved.messages)
+    else:
+        row.prompt, row.error = _prompt(record.get(resolved.prompt), resolved.prompt)
+    return row
+
+
+def _prompt(value: Any, column: str | None) -> tuple[str | None, str | None]:
+    if value is None:
+        return None, f"prompt column {column!r} is null in this row"
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, f"prompt column {column!r} is not valid UTF-8 text in this row"
+    if not isinstance(value, str):
+        value = str(value)
+    if not value.strip():
+        return None, f"prompt column {column!r} is empty in this row"
+    return value, None
+
+
+def _messages(value: Any, column: str) -> tuple[list[dict[str, Any]] | None, str | None]:
+    if not isinstance(value, list) or not value:
+        return None, f"messages column {column!r} is not a non-empty list of messages in this row"
+    for message in value:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+            return None, f"messages column {column!r} has an entry without string role and content in this row"
+    return [{"role": m["role"], "content": m["content"]} for m in value], None
+
+
+def iter_shards(spec: RunSpec, dataset: Any) -> Iterator[Shard]:
+    """Shards of spec.shard_size rows, in input order; row problems are recorded on the row."""
+    resolved = resolve_columns(spec.columns, list(dataset.column_names))
+    size = spec.shard_size
+    for shard_index, start in enumerate(range(0, len(dataset), size)):
+        batch = dataset[start : start + size]
+        names = list(batch.keys())
+        records = [dict(zip(names, values)) for values in zip(*batch.values())]
+        rows = [to_input_row(start + i, record, spec.columns, resolved) for i, record in enumerate(records)]
+        yield Shard(spec.run_id, shard_index, rows)
+
+
+def shard_count(rows_total: int, shard_size: int) -> int:
+    return -(-rows_total // shard_size)

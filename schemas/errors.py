@@ -1,0 +1,47 @@
+"""Every error shardgen shows a user. Each carries one line: what is wrong and what to do."""
+
+from __future__ import annotations
+
+
+class ShardgenError(Exception):
+    """An expected failure with a message fit for a user; the CLI prints it as one line, exit code 2."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None):
+        self.message = message
+        self.hint = hint
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        return f"{self.message}: {self.hint}" if self.hint else self.message
+
+
+class InvalidParameter(ShardgenError):
+    """A generation, model or run parameter has a value or type that cannot work."""
+
+
+class InputError(ShardgenError):
+    """The dataset cannot be read or mapped to prompts."""
+
+
+class ModelError(ShardgenError):
+    """The model cannot be resolved or loaded."""
+
+
+class BrokerError(ShardgenError):
+    """Redis (the broker and state store) cannot be reached or refused us."""
+
+
+class RunNotFound(ShardgenError):
+    """No run with this id is recorded."""
+
+
+class IncompleteRun(ShardgenError):
+    """Collect found rows that are missing or failed."""
+
+    exit_code = 3
+
+
+class MessageError(ShardgenError):
+    """A queue message is malformed or foreign; it is rejected, never executed."""

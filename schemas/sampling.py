@@ -1,0 +1,173 @@
+"""SamplingParams: the one validated object for how text is generated.
+
+Shared by the CLI flags, the TOML file, the Python API, the queue message and the worker, so the rules
+(defaults, aliases from other tools, validation) live here only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import InvalidParameter
+
+# Names users bring from transformers' GenerationConfig, the OpenAI API and fine-tuning suites.
+ALIASES = {
+    "num_return_sequences": "n",
+    "max_tokens": "max_new_tokens",
+    "stop_sequences": "stop",
+    "random_seed": "seed",
+}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 256
+    """Most tokens generated per sample (EOS included)."""
+    max_length: int | None = None
+    """Cap on prompt + generated tokens, as in transformers; the tighter of this and max_new_tokens wins."""
+    temperature: float = 0.0
+    """Softmax temperature; 0 means greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1 = off)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 = off)."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p times the most likely one's (0 = off)."""
+    repetition_penalty: float = 1.0
+    """Divide positive logits (multiply negative ones) of tokens already seen by this (1 = off)."""
+    stop: tuple[str, ...] = ()
+    """Strings that end a sample; the text is cut before the first one."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Token ids that end a sample, besides the model's EOS."""
+    n: int = 1
+    """Samples per prompt."""
+    seed: int | None = None
+    """Base seed; each row derives its own from it, so a row's text does not depend on its batch."""
+    num_beams: int = 1
+    """Beam search width (1 = off); beam search runs through transformers' generate."""
+    length_penalty: float = 1.0
+    """Beam search: exponent on length when scoring finished beams."""
+    early_stopping: bool = False
+    """Beam search: stop when num_beams finished candidates exist."""
+    ignore_eos: bool = False
+    """Keep generating after EOS (for benchmarks)."""
+
+    def __post_init__(self) -> None:
+        _check_int(self, "max_new_tokens", minimum=1)
+        if self.max_length is not None:
+            _check_int(self, "max_length", minimum=1)
+        _check_float(self, "temperature", minimum=0.0)
+        _check_float(self, "top_p", minimum=0.0, maximum=1.0, open_low=True)
+        _check_int(self, "top_k", minimum=0)
+        _check_float(self, "min_p", minimum=0.0, maximum=1.0)
+        _check_float(self, "repetition_penalty", minimum=0.0, open_low=True)
+        _check_int(self, "n", minimum=1)
+        _check_int(self, "num_beams", minimum=1)
+        _check_float(self, "length_penalty")
+        if self.seed is not None:
+            _check_int(self, "seed", minimum=0)
+        for name in ("early_stopping", "ignore_eos"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidParameter(f"{name} must be true or false, got {getattr(self, name)!r}")
+        stop = self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+            raise InvalidParameter(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(stop))
+        ids = self.stop_token_ids
+        if isinstance(ids, int) and not isinstance(ids, bool):
+            ids = (ids,)
+        if not isinstance(ids, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in ids):
+            raise InvalidParameter(f"stop_token_ids must be a list of non-negative integers, got {ids!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(ids))
+        if self.num_beams > 1 and self.n > self.num_beams:
+            raise InvalidParameter(f"n ({self.n}) cannot exceed num_beams ({self.num_beams}) with beam search")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, source: str = "parameters") -> "SamplingParams":
+        """Build from a dict of user-facing names, accepting aliases; unknown names are refused."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            if value is None:
+                continue
+            name = ALIASES.get(key, key)
+            if name == "do_sample":
+                if value is False:
+                    kwargs["temperature"] = 0.0
+                continue
+            if name not in known:
+                raise InvalidParameter(
+                    f"unknown generation parameter {key!r} in {source}",
+                    f"use one of {', '.join(sorted(known | set(ALIASES) | {'do_sample'}))}",
+                )
+            kwargs[name] = value
+        if values.get("do_sample") is True and kwargs.get("temperature", None) in (None, 0, 0.0):
+            kwargs["temperature"] = 1.0
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> "SamplingParams":
+        merged = {**self.to_dict(), **{k: v for k, v in changes.items() if v is not None}}
+        return SamplingParams.from_mapping(merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["stop"] = list(self.stop)
+        out["stop_token_ids"] = list(self.stop_token_ids)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SamplingParams":
+        return cls.from_mapping(json.loads(text))
+
+    def new_token_budget(self, prompt_tokens: int) -> int:
+        """New tokens this prompt may get under both max_new_tokens and max_length."""
+        if self.max_length is None:
+            return self.max_new_tokens
+        return max(0, min(self.max_new_tokens, self.max_length - prompt_tokens))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(params: SamplingParams, name: str, minimum: int | None = None) -> None:
+    value = getattr(params, name)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+        object.__setattr__(params, name, value)
+    if not _is_int(value):
+        raise InvalidParameter(f"{name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise InvalidParameter(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_float(
+    params: SamplingParams,
+    name: str,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    open_low: bool = False,
+) -> None:
+    value = getattr(params, name)
+    if _is_int(value):
+        value = float(value)
+        object.__setattr__(params, name, value)
+    if not isinstance(value, float) or value != value:
+        raise InvalidParameter(f"{name} must be a number, got {value!r}")
+    if minimum is not None and (value < minimum or (open_low and value == minimum)):
+        bound = f"> {minimum:g}" if open_low else f">= {minimum:g}"
+        raise InvalidParameter(f"{name} must be {bound}, got {value:g}")
+    if maximum is not None and value > maximum:
+        raise InvalidParameter(f"{name} must be <= {maximum:g}, got {value:g}")

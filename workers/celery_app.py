@@ -1,0 +1,36 @@
+"""The Celery app: JSON only, late acks, one task at a time per worker process."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+TASK_NAME = "shardgen.process_shard"
+
+app = Celery("shardgen")
+app.conf.update(
+    task_serializer="json",
+    result_serializer="json",
+    event_serializer="json",
+    accept_content=["json"],
+    result_accept_content=["json"],
+    task_ignore_result=True,
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    # shardgen's own leases bring a dead worker's shard back in seconds; Redis redelivery is the last resort.
+    broker_transport_options={"visibility_timeout": 12 * 3600},
+    broker_connection_retry_on_startup=True,
+    broker_connection_max_retries=None,
+    worker_hijack_root_logger=False,
+    worker_send_task_events=False,
+    task_default_queue="sg.q.default",
+)
+
+
+def configure(broker: str) -> Celery:
+    app.conf.broker_url = broker
+    return app
+
+
+def enqueue(broker_app: Celery, message: dict, queue: str, countdown: float | None = None) -> None:
+    broker_app.send_task(TASK_NAME, args=[message], queue=queue, countdown=countdown, serializer="json")

@@ -1,0 +1,64 @@
+"""The contract between shard processing and whatever generates text (the engine, or HF generate).
+
+A generator takes tokenized prompts, each with its own seed, and returns one output per prompt, in order.
+It knows nothing of shards, files or queues.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+from shardgen.schemas.sampling import SamplingParams
+
+FINISH_STOP = "stop"      # EOS, a stop token id or a stop string
+FINISH_LENGTH = "length"  # max_new_tokens / max_length / context reached
+FINISH_ERROR = "error"    # the row could not be generated; see GenerationOutput.error
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    seed: int = 0
+    """Per-row seed: the same seed gives the same text whatever else shares the batch."""
+
+
+@dataclass
+class Sample:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+
+
+@dataclass
+class GenerationOutput:
+    samples: list[Sample] = field(default_factory=list)
+    prompt_tokens: int = 0
+    generation_time_s: float = 0.0
+    """Seconds from the start of this request's prefill to its last token."""
+    error: str | None = None
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.samples)
+
+    @classmethod
+    def failed(cls, message: str, prompt_tokens: int = 0) -> "GenerationOutput":
+        return cls(samples=[], prompt_tokens=prompt_tokens, error=message)
+
+
+OnOutput = Callable[[int, GenerationOutput], None]
+"""Called as each request finishes, with its index in the request list (progress, heartbeats)."""
+
+
+class Generator(Protocol):
+    name: str
+
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        params: SamplingParams,
+        *,
+        on_output: OnOutput | None = None,
+    ) -> list[GenerationOutput]:
+        ...

@@ -1,0 +1,27 @@
+"""Pick the text generator a worker or embedded run uses."""
+
+from __future__ import annotations
+
+import os
+
+from shardgen.schemas.errors import InvalidParameter
+
+from .generation import Generator
+from .model_loader import LoadedModel
+
+GENERATORS = ("engine", "hf-generate")
+GENERATOR_ENV = "SHARDGEN_GENERATOR"
+
+
+def make_generator(loaded: LoadedModel, batch_size: int, *, compile: bool = False, kind: str | None = None) -> Generator:
+    """The engine by default; `hf-generate` (plain transformers generate) for comparison or debugging."""
+    kind = kind or os.environ.get(GENERATOR_ENV) or "engine"
+    if kind == "hf-generate":
+        from .hf_generate import HFGenerate
+
+        return HFGenerate(loaded, batch_size=batch_size)
+    if kind == "engine":
+        from .engine import Engine
+
+        return Engine(loaded, batch_size=batch_size, compile=compile)
+    raise InvalidParameter(f"unknown generator {kind!r} in {GENERATOR_ENV}", f"use one of {', '.join(GENERATORS)}")

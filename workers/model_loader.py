@@ -1,0 +1,174 @@
+"""Resolve a --model argument to a checkpoint and load it, quantized as asked, on one device."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shardgen.schemas.errors import InvalidParameter, ModelError
+from shardgen.schemas.model import ModelSpec
+
+from . import default_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ResolvedModel:
+    source: str
+    """Local directory or hub id handed to from_pretrained."""
+    note: str | None = None
+    """Something the user should be told about the choice (e.g. which checkpoint was picked)."""
+    local: bool = True
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    spec: ModelSpec
+    device: str
+    source: str
+    load_time_s: float = 0.0
+    eos_token_ids: tuple[int, ...] = ()
+    context_length: int = 2048
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def footprint_bytes(self) -> int:
+        return int(self.model.get_memory_footprint())
+
+
+def resolve_model(name: str) -> ResolvedModel:
+    """An alias, a checkpoint directory, a directory of checkpoints (latest wins), or a hub id."""
+    if name.lower() in default_model.ALIASES:
+        return ResolvedModel(str(default_model.default_checkpoint()))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ResolvedModel(str(path))
+        candidates = [p for p in path.iterdir() if p.is_dir() and (p / "config.json").is_file()]
+        if not candidates:
+            raise ModelError(
+                f"{path} holds no checkpoint (no config.json in it or in a subdirectory)",
+                "pass a directory written by save_pretrained, or a hub id",
+            )
+        latest = max(candidates, key=_checkpoint_order)
+        note = f"{path} holds {len(candidates)} checkpoints; using the latest, {latest.name}"
+        return ResolvedModel(str(latest), note=note)
+    if path.exists():
+        raise ModelError(f"{path} is a file, not a checkpoint directory", "pass the directory that holds config.json")
+    looks_local = name.startswith((".", "/", "~")) or os.sep in name and not re.fullmatch(r"[\w.-]+/[\w.-]+", name)
+    if looks_local or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+        raise ModelError(
+            f"model {name!r} is neither a known alias, an existing directory nor a hub id",
+            f"use --model {default_model.DEFAULT_MODEL_ALIAS}, a checkpoint directory, or owner/name from the hub",
+        )
+    return ResolvedModel(name, local=False)
+
+
+def _checkpoint_order(path: Path) -> tuple[int, float]:
+    match = re.search(r"(\d+)$", path.name)
+    return (int(match.group(1)) if match else -1, path.stat().st_mtime)
+
+
+def check_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = "cuda:0"
+    if device == "cpu":
+        return device
+    match = re.fullmatch(r"cuda:(\d+)", device)
+    if not match:
+        raise InvalidParameter(f"unknown device {device!r}", "use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ModelError(f"device {device} requested but no CUDA device is visible", "use --device cpu")
+    if int(match.group(1)) >= torch.cuda.device_count():
+        raise ModelError(f"device {device} does not exist ({torch.cuda.device_count()} visible)", "pick a lower index")
+    return device
+
+
+def bnb_config(spec: ModelSpec, compute_dtype: Any) -> Any:
+    """transformers' BitsAndBytesConfig for a spec, or None when it is not quantized."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if spec.quantize == "none":
+        return None
+    fields = dict(spec.quantization_config)
+    if spec.quantize == "int8":
+        fields.update(load_in_8bit=True)
+        fields.pop("load_in_4bit", None)
+    else:
+        fields.update(load_in_4bit=True, bnb_4bit_quant_type=spec.quantize)
+        fields.pop("load_in_8bit", None)
+        fields["bnb_4bit_compute_dtype"] = getattr(torch, fields.get("bnb_4bit_compute_dtype") or "", compute_dtype)
+    return BitsAndBytesConfig(**fields)
+
+
+def load_model(spec: ModelSpec, device: str = "auto", hf_token: str | None = None) -> LoadedModel:
+    """Load tokenizer and model once; the caller keeps the result for the life of its process."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = check_device(device)
+    resolved = resolve_model(spec.model)
+    if resolved.note:
+        log.warning(resolved.note)
+    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32}.get(spec.dtype) or getattr(
+        torch, spec.dtype
+    )
+    token = hf_token or os.environ.get("HF_TOKEN") or None
+    common: dict[str, Any] = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code, "token": token}
+    started = time.perf_counter()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.source, **common)
+        quant = bnb_config(spec, dtype)
+        kwargs: dict[str, Any] = dict(common, dtype=dtype)
+        if quant is not None:
+            kwargs.update(quantization_config=quant, device_map=device)
+        model = AutoModelForCausalLM.from_pretrained(resolved.source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _load_error(spec.model, resolved, exc) from None
+    if quant is None:
+        model.to(device)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+        eos_ids.append(tokenizer.eos_token_id)
+    context = getattr(model.config, "max_position_embeddings", None) or 2048
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        spec=spec,
+        device=device,
+        source=resolved.source,
+        load_time_s=time.perf_counter() - started,
+        eos_token_ids=tuple(eos_ids),
+        context_length=int(context),
+        info={"note": resolved.note} if resolved.note else {},
+    )
+
+
+def _load_error(name: str, resolved: ResolvedModel, exc: Exception) -> ModelError:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if resolved.local:
+        return ModelError(f"cannot load model {name} from {resolved.source}: {text}", "check the checkpoint directory")
+    if any(s in str(exc) for s in ("401", "403", "gated", "private", "Unauthorized")):
+        return ModelError(f"the hub refused access to {name}", "pass a token with --hf-token or HF_TOKEN")
+    return ModelError(
+        f"cannot fetch model {name} from the Hugging Face hub ({text})",
+        "check the network and the name, or pass a local checkpoint directory with --model",
+    )

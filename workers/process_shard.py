@@ -1,0 +1,151 @@
+"""process_shard: one shard in, one Parquet file out. Knows nothing of Celery or Redis; both the embedded
+mode and the Celery task call it, so both produce the same files."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from shardgen.schemas.run import RunSpec
+from shardgen.schemas.shard import Shard
+
+from .generation import GenerationOutput, GenerationRequest, Generator
+from .model_loader import LoadedModel
+from .prompts import PromptTokens, tokenize_row
+from .writer import result_table, shard_path, write_shard_once
+
+log = logging.getLogger(__name__)
+
+OnRow = Callable[[GenerationOutput], None]
+
+
+@dataclass
+class ShardOutcome:
+    shard_index: int
+    path: Path
+    written: bool
+    """False when another attempt's complete result was already in place (ours was discarded)."""
+    rows: int
+    rows_failed: int
+    prompt_tokens: int
+    generated_tokens: int
+    seconds: float
+
+
+def shardgen_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("shardgen")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def process_shard(
+    shard: Shard,
+    spec: RunSpec,
+    loaded: LoadedModel,
+    generator: Generator,
+    run_dir: Path,
+    *,
+    attempt: int = 1,
+    worker: str = "embedded",
+    on_row: OnRow | None = None,
+) -> ShardOutcome:
+    started = time.perf_counter()
+    rows = shard.rows
+    outputs: list[GenerationOutput | None] = [None] * len(rows)
+    prompts: list[PromptTokens | None] = [None] * len(rows)
+    pending: list[int] = []
+    for position, row in enumerate(rows):
+        if row.error is not None:
+            outputs[position] = GenerationOutput.failed(row.error)
+            continue
+        try:
+            prompt = tokenize_row(
+                loaded.tokenizer,
+                row,
+                chat_template=spec.chat_template,
+                system_prompt=spec.columns.system_prompt,
+                max_prompt_tokens=spec.max_prompt_tokens,
+            )
+        except Exception as exc:  # a template can reject a row's messages (e.g. roles out of order)
+            outputs[position] = GenerationOutput.failed(f"cannot build the prompt: {exc}")
+            continue
+        prompts[position] = prompt
+        if len(prompt.ids) >= loaded.context_length:
+            outputs[position] = GenerationOutput.failed(
+                f"prompt has {len(prompt.ids)} tokens but the model's context is {loaded.context_length}: "
+                "shorten it or pass --max-prompt-tokens",
+                prompt_tokens=len(prompt.ids),
+            )
+            continue
+        pending.append(position)
+    for position, output in enumerate(outputs):
+        if output is not None and on_row:
+            on_row(output)
+
+    requests = [GenerationRequest(prompts[p].ids, seed=spec.row_seed(rows[p].index)) for p in pending]  # type: ignore[union-attr]
+    for position, output in zip(pending, generate_rows(generator, requests, spec, on_row)):
+        outputs[position] = output
+
+    done = [o for o in outputs if o is not None]
+    assert len(done) == len(rows)
+    metadata = {
+        "run_id": spec.run_id,
+        "shard_index": shard.index,
+        "attempt": attempt,
+        "rows": len(rows),
+        "model": spec.model.model,
+        "model_source": loaded.source,
+        "quantize": spec.model.quantize,
+        "params": spec.params.to_json(),
+        "generator": getattr(generator, "last_path", None) or generator.name,
+        "version": shardgen_version(),
+        "host": socket.gethostname(),
+        "device": loaded.device,
+        "worker": worker,
+    }
+    table = result_table(spec, rows, done, prompts, metadata)
+    path = shard_path(run_dir, shard.index)
+    written = write_shard_once(table, path)
+    if not written:
+        log.warning("shard %s of run %s already has a complete result; this attempt's copy was discarded", shard.index, spec.run_id)
+    return ShardOutcome(
+        shard_index=shard.index,
+        path=path,
+        written=written,
+        rows=len(rows),
+        rows_failed=sum(1 for o in done if o.error is not None),
+        prompt_tokens=sum(o.prompt_tokens for o in done),
+        generated_tokens=sum(o.generated_tokens for o in done),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def generate_rows(
+    generator: Generator, requests: Sequence[GenerationRequest], spec: RunSpec, on_row: OnRow | None
+) -> list[GenerationOutput]:
+    """Generate a batch; if the batch as a whole fails, go row by row so one bad row cannot sink the rest."""
+    if not requests:
+        return []
+    notify = (lambda _index, output: on_row(output)) if on_row else None
+    try:
+        return generator.generate(requests, spec.params, on_output=notify)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        if len(requests) == 1:
+            output = GenerationOutput.failed(f"generation failed: {type(exc).__name__}: {exc}", len(requests[0].prompt_ids))
+            if on_row:
+                on_row(output)
+            return [output]
+        log.warning("batch of %d rows failed (%s); retrying row by row", len(requests), exc)
+    outputs = []
+    for request in requests:
+        outputs.extend(generate_rows(generator, [request], spec, on_row))
+    return outputs

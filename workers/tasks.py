@@ -1,0 +1,135 @@
+"""The Celery task: unpack a shard message, call process_shard, report to the run store. Nothing else."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shardgen.schemas.errors import ShardgenError
+from shardgen.schemas.run import RunSpec
+from shardgen.schemas.shard import ShardMessage
+
+from .celery_app import TASK_NAME, app, enqueue
+from .generation import Generator
+from .model_loader import LoadedModel
+from .process_shard import process_shard
+from .run_store import LEASE_MS, RunStore
+
+log = logging.getLogger("shardgen.worker")
+
+
+@dataclass
+class WorkerContext:
+    loaded: LoadedModel
+    generator: Generator
+    store: RunStore
+    worker_id: str
+
+
+CONTEXT: WorkerContext | None = None
+
+
+def worker_id(device: str) -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{device}"
+
+
+@app.task(name=TASK_NAME, ignore_result=True)
+def process_shard_task(payload: Any) -> None:
+    assert CONTEXT is not None, "worker context not set: start workers with `shardgen worker`"
+    handle_message(payload, CONTEXT)
+
+
+def handle_message(payload: Any, ctx: WorkerContext) -> str:
+    """Run one shard message; returns what happened (for logs and tests). Never raises for bad input."""
+    try:
+        message = ShardMessage.from_dict(payload)
+        spec = ctx.store.spec(message.run_id)
+    except ShardgenError as exc:
+        log.error("rejected message (not executed): %s", exc.line())
+        return "rejected"
+    if spec.model.slug != ctx.loaded.spec.slug:
+        log.error("run %s needs model %s but this worker serves %s; sent back to %s", spec.run_id, spec.model.slug, ctx.loaded.spec.slug, spec.model.queue)
+        enqueue(app, payload, spec.model.queue)
+        return "rerouted"
+    claim = ctx.store.claim(message.run_id, message.shard_index, ctx.worker_id, message.attempt)
+    if claim != "claimed":
+        log.info("shard %s of run %s skipped: %s", message.shard_index, message.run_id, claim)
+        return claim
+    heartbeat = Heartbeat(ctx.store, message.run_id, message.shard_index, ctx.worker_id)
+    heartbeat.start()
+    try:
+        run_dir = Path(ctx.store.record(message.run_id, with_shards=False).work_dir) / message.run_id
+        outcome = process_shard(
+            message.shard(),
+            spec,
+            ctx.loaded,
+            ctx.generator,
+            run_dir,
+            attempt=message.attempt,
+            worker=ctx.worker_id,
+            on_row=lambda _output: heartbeat.row_done(),
+        )
+    except Exception as exc:  # noqa: BLE001 - any failure of a shard is recorded and retried, never lost
+        heartbeat.stop()
+        return _record_failure(ctx, spec, message, payload, exc)
+    heartbeat.stop()
+    ctx.store.complete(
+        message.run_id,
+        message.shard_index,
+        ctx.worker_id,
+        rows=outcome.rows,
+        rows_failed=outcome.rows_failed,
+        prompt_tokens=outcome.prompt_tokens,
+        generated_tokens=outcome.generated_tokens,
+        seconds=outcome.seconds,
+    )
+    log.info("shard %s of run %s done: %d rows, %d tokens, %.1fs", message.shard_index, message.run_id, outcome.rows, outcome.generated_tokens, outcome.seconds)
+    return "done"
+
+
+def _record_failure(ctx: WorkerContext, spec: RunSpec, message: ShardMessage, payload: dict, exc: Exception) -> str:
+    error = f"{type(exc).__name__}: {exc}"
+    final = message.attempt > spec.max_retries
+    ctx.store.fail(message.run_id, message.shard_index, ctx.worker_id, error, final=final)
+    if final:
+        log.error("shard %s of run %s failed after %d attempts: %s", message.shard_index, message.run_id, message.attempt, error)
+        return "failed"
+    delay = min(2.0 ** message.attempt, 60.0)
+    log.warning("shard %s of run %s failed (attempt %d), retrying in %.0fs: %s", message.shard_index, message.run_id, message.attempt, delay, error)
+    enqueue(app, {**payload, "attempt": message.attempt + 1}, spec.model.queue, countdown=delay)
+    return "retrying"
+
+
+class Heartbeat:
+    """Renews the shard's lease while it runs and publishes how many of its rows are done."""
+
+    def __init__(self, store: RunStore, run_id: str, shard_index: int, worker: str, interval_s: float = 2.0):
+        self.store, self.run_id, self.shard_index, self.worker = store, run_id, shard_index, worker
+        self.interval_s = interval_s
+        self.rows_done = 0
+        self.lease_lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="shardgen-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def row_done(self) -> None:
+        self.rows_done += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                if not self.store.renew(self.run_id, self.shard_index, self.worker, self.rows_done):
+                    self.lease_lost = True
+            except Exception as exc:  # noqa: BLE001 - Redis blips must not kill the shard
+                log.warning("lease renewal failed: %s", exc)
