@@ -15,7 +15,7 @@ import click
 from rich.console import Console
 from rich.live import Live
 
-from shardgen.schemas.errors import ShardgenError
+from shardgen.schemas.errors import InvalidParameter, ShardgenError
 from shardgen.schemas.model import DTYPES, QUANTIZE_METHODS
 from shardgen.workers.redis_conn import BROKER_ENV, DEFAULT_BROKER_URL
 
@@ -111,7 +111,10 @@ def _handle_errors(func: Callable) -> Callable:
         try:
             return func(*args, **kwargs)
         except ShardgenError as exc:
-            console.print(f"[bold red]error:[/] {exc.line()}", highlight=False, soft_wrap=True)
+            line = exc.line()
+            if exc.hint is None and isinstance(exc, InvalidParameter):
+                line += f": fix the value (see `shardgen {click.get_current_context().info_name} --help`)"
+            console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted")

@@ -41,8 +41,10 @@ def check_output_path(path: str | Path) -> Path:
     path = Path(path)
     if path.suffix.lower() not in OUTPUT_FORMATS:
         raise InputError(f"cannot tell the output format of {path}", "end the output name with .parquet or .jsonl")
-    if path.parent and not path.parent.exists():
-        raise InputError(f"output directory {path.parent} does not exist", "create it first")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create output directory {path.parent}: {exc.strerror}", "pass a writable -o path") from None
     return path
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ def load_dataset_table(source: str, split: str | None = None, limit: int | None 
                 )
             if not os.access(path, os.R_OK):
                 raise InputError(f"cannot read {path}: permission denied", "check the file's permissions")
+            if path.stat().st_size == 0:
+                raise InputError(f"dataset {source} has no rows", "pass a file with at least one row")
             loaded = datasets.load_dataset(fmt, data_files=str(path), split="train")
         elif _looks_like_path(source):
             raise InputError(f"input file {source} does not exist", "check the path")
@@ -56,10 +59,13 @@ def load_dataset_table(source: str, split: str | None = None, limit: int | None 
     except FileNotFoundError as exc:
         raise InputError(f"cannot find dataset {source}: {_first_line(exc)}", "check the path or the hub name") from None
     except Exception as exc:  # datasets wraps parser errors in many types; the user needs one line
-        where = "the hub" if not path.exists() else str(path)
+        if "corresponds to no data" in str(exc):
+            raise InputError(f"dataset {source} has no rows", "pass a file with at least one row") from None
+        if path.exists():
+            raise InputError(f"cannot read dataset {source}: {_first_line(exc)}", "check that the file is valid and complete") from None
         raise InputError(
-            f"cannot read dataset {source} from {where}: {_first_line(exc)}",
-            "check that the file is valid and complete" if path.exists() else "check the name and the network, or pass a local file",
+            f"cannot load dataset {source} from the hub: {_first_line(exc)}",
+            "check the name and the network, or pass a local file",
         ) from None
     if limit is not None:
         loaded = loaded.select(range(min(limit, len(loaded))))
@@ -145,6 +151,11 @@ def _prompt(value: Any, column: str | None) -> tuple[str | None, str | None]:
 
 
 def _messages(value: Any, column: str) -> tuple[list[dict[str, Any]] | None, str | None]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None, f"messages column {column!r} holds text that is not a JSON list of messages in this row"
     if not isinstance(value, list) or not value:
         return None, f"messages column {column!r} is not a non-empty list of messages in this row"
     for message in value:
@@ -158,11 +169,36 @@ def iter_shards(spec: RunSpec, dataset: Any) -> Iterator[Shard]:
     resolved = resolve_columns(spec.columns, list(dataset.column_names))
     size = spec.shard_size
     for shard_index, start in enumerate(range(0, len(dataset), size)):
-        batch = dataset[start : start + size]
-        names = list(batch.keys())
-        records = [dict(zip(names, values)) for values in zip(*batch.values())]
+        records = shard_records(dataset, start, start + size)
         rows = [to_input_row(start + i, record, spec.columns, resolved) for i, record in enumerate(records)]
         yield Shard(spec.run_id, shard_index, rows)
+
+
+def shard_records(dataset: Any, start: int, stop: int) -> list[dict[str, Any]]:
+    """Rows start..stop as dicts; text that is not valid UTF-8 stays bytes so its row can say so."""
+    try:
+        batch = dataset[start:stop]
+        return [dict(zip(batch, values)) for values in zip(*batch.values())]
+    except UnicodeDecodeError:
+        import pyarrow as pa
+
+        table = dataset.with_format("arrow")[start:stop]
+        columns = {}
+        for name, column in zip(table.column_names, table.columns):
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                columns[name] = [_decode_or_bytes(v) for v in column.cast(pa.binary()).to_pylist()]
+            else:
+                columns[name] = column.to_pylist()
+        return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+def _decode_or_bytes(value: bytes | None) -> str | bytes | None:
+    if value is None:
+        return None
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value
 
 
 def shard_count(rows_total: int, shard_size: int) -> int:

@@ -18,7 +18,7 @@ from shardgen.workers.process_shard import process_shard
 from shardgen.workers.writer import shard_path
 
 from .collect import CollectReport, check_output_path, collect, read_run_file, write_run_file
-from .dataset import iter_shards, load_dataset_table, shard_count
+from .dataset import iter_shards, load_dataset_table, resolve_columns, shard_count
 from .display import RowProgress
 
 
@@ -56,6 +56,7 @@ def run_embedded(
     console = console or Console(stderr=True)
     output = check_output_path(output)
     dataset = load_dataset_table(spec.input, spec.split, spec.limit)
+    resolve_columns(spec.columns, list(dataset.column_names))  # a column error stops us before the model loads
     rows_total = len(dataset)
     shards_total = shard_count(rows_total, spec.shard_size)
     parts = parts_dir_for(output)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .errors import InvalidParameter
@@ -101,8 +101,6 @@ class SamplingParams:
                 continue
             name = ALIASES.get(key, key)
             if name == "do_sample":
-                if value is False:
-                    kwargs["temperature"] = 0.0
                 continue
             if name not in known:
                 raise InvalidParameter(
@@ -110,7 +108,10 @@ class SamplingParams:
                     f"use one of {', '.join(sorted(known | set(ALIASES) | {'do_sample'}))}",
                 )
             kwargs[name] = value
-        if values.get("do_sample") is True and kwargs.get("temperature", None) in (None, 0, 0.0):
+        # transformers' do_sample: False means greedy whatever the temperature; True with no temperature means 1.
+        if values.get("do_sample") is False:
+            kwargs["temperature"] = 0.0
+        elif values.get("do_sample") is True and kwargs.get("temperature", None) in (None, 0, 0.0):
             kwargs["temperature"] = 1.0
         return cls(**kwargs)
 

