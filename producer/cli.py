@@ -242,10 +242,11 @@ def _positive(value: Any, name: str) -> int:
 @generation_options
 @click.option("--max-retries", type=int, help="Retries of a failing shard before it is marked failed [default: 3].")
 @broker_option
+@click.option("--resume", "resume_id", metavar="RUN_ID", help="Redo only the shards of RUN_ID without a complete result (same settings required).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON instead of the run id.")
 @config_option
 @_handle_errors
-def submit(as_json: bool, **kwargs: Any) -> None:
+def submit(as_json: bool, resume_id: str | None, **kwargs: Any) -> None:
     """Shard INPUT into generation jobs on Redis for `shardgen worker` processes; print the run id.
 
     Shards carry their rows in the message, so workers need no access to INPUT; they do need to write
@@ -264,12 +265,68 @@ def submit(as_json: bool, **kwargs: Any) -> None:
     spec = config_mod.build_run_spec(options)
     url = broker_url(options.get("broker"))
     store = RunStore(url)
-    submit_run(spec, Path(options["work_dir"]), store, url, console)
+    if resume_id:
+        spec = _resume(store, url, resume_id, spec, Path(options["work_dir"]))
+    else:
+        submit_run(spec, Path(options["work_dir"]), store, url, console)
     if as_json:
         out.print_json(json.dumps({**status_dict(store.record(spec.run_id)), "spec": spec.to_dict()}))
     else:
         out.print(spec.run_id, highlight=False)
         console.print(f"queued on {spec.model.queue}; start workers with `shardgen worker --model {spec.model.model}" + (f" --quantize {spec.model.quantize}`" if spec.model.quantize != "none" else "`"))
+
+
+def _resume(store: Any, url: str, run_id: str, spec: Any, work_dir: Path) -> Any:
+    from .embedded import spec_difference
+    from .submit import requeue, shards_to_redo
+
+    record = store.record(run_id)
+    difference = spec_difference(record.spec, spec)
+    if difference:
+        raise ShardgenError(f"cannot resume run {run_id} with a different {difference}", "resume with the original settings, or submit a new run")
+    if Path(record.work_dir).resolve() != work_dir.expanduser().resolve():
+        raise ShardgenError(f"run {run_id} writes to {record.work_dir}, not {work_dir}", f"pass --work-dir {record.work_dir}")
+    redo = shards_to_redo(record)
+    requeue(store, url, record, redo)
+    console.print(f"resuming run {run_id}: {len(redo)} of {record.shards_total} shard(s) queued again")
+    return record.spec
+
+
+@cli.command()
+@click.argument("run_id")
+@broker_option
+@_handle_errors
+def retry(run_id: str, broker: str | None) -> None:
+    """Queue RUN_ID's failed, cancelled, lost and missing shards again (rows come from Redis)."""
+    from shardgen.workers.redis_conn import broker_url
+    from shardgen.workers.run_store import RunStore
+
+    from .submit import requeue, shards_to_redo
+
+    url = broker_url(broker)
+    store = RunStore(url)
+    record = store.record(run_id)
+    redo = shards_to_redo(record)
+    if not redo:
+        console.print(f"run {run_id} has nothing to retry: every shard is done or running")
+        return
+    requeue(store, url, record, redo)
+    console.print(f"queued {len(redo)} shard(s) of run {run_id} again: {redo[:20]}{' ...' if len(redo) > 20 else ''}")
+
+
+@cli.command()
+@click.argument("run_id")
+@broker_option
+@_handle_errors
+def cancel(run_id: str, broker: str | None) -> None:
+    """Stop RUN_ID: queued shards are dropped, running ones stop at their next step. `retry` resumes it."""
+    from shardgen.workers.redis_conn import broker_url
+    from shardgen.workers.run_store import RunStore
+
+    store = RunStore(broker_url(broker))
+    if not store.cancel(run_id):
+        raise ShardgenError(f"run {run_id} has already ended ({store.record(run_id, with_shards=False).state})", "nothing to cancel")
+    console.print(f"run {run_id} cancelled")
 
 
 # ---------------------------------------------------------------- worker

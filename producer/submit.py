@@ -10,7 +10,8 @@ from shardgen.schemas.errors import InputError
 from shardgen.schemas.run import RunSpec
 from shardgen.schemas.shard import ShardMessage, rows_to_json
 from shardgen.workers.celery_app import configure, enqueue
-from shardgen.workers.run_store import RunStore
+from shardgen.workers.run_store import RunRecord, RunStore
+from shardgen.workers.writer import shard_path
 
 from .collect import write_run_file
 from .dataset import iter_shards, load_dataset_table, shard_count
@@ -39,3 +40,25 @@ def submit_run(spec: RunSpec, work_dir: Path, store: RunStore, broker: str, cons
             enqueue(app, ShardMessage(spec.run_id, shard.index, shard.rows).to_dict(), spec.model.queue)
             progress.advance(len(shard.rows))
     return rows_total, shards_total
+
+
+def shards_to_redo(record: RunRecord) -> list[int]:
+    """Shards without a complete result: not done (and not running under a live lease), or done with no file."""
+    run_dir = Path(record.work_dir) / record.run_id
+    redo = []
+    for shard in record.shards:
+        if shard.state == "running":
+            continue
+        if shard.state != "done" or not shard_path(run_dir, shard.index).is_file():
+            redo.append(shard.index)
+    return redo
+
+
+def requeue(store: RunStore, broker: str, record: RunRecord, indices: list[int]) -> int:
+    """Queue these shards again from the rows kept in Redis (the input file is not needed)."""
+    count = store.reset_shards(record.run_id, indices)
+    app = configure(broker)
+    for index in indices:
+        rows = store.shard_rows(record.run_id, index)
+        enqueue(app, ShardMessage(record.run_id, index, rows, attempt=1).to_dict(), record.spec.model.queue)
+    return count

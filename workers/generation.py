@@ -47,12 +47,21 @@ class GenerationOutput:
         return cls(samples=[], prompt_tokens=prompt_tokens, error=message)
 
 
+class GenerationCancelled(RuntimeError):
+    """`should_stop` asked the generator to stop; outputs already passed to on_output stand."""
+
+
+class EngineOOM(RuntimeError):
+    """The device ran out of memory; the caller may retry with a smaller batch."""
+
+
 OnOutput = Callable[[int, GenerationOutput], None]
 """Called as each request finishes, with its index in the request list (progress, heartbeats)."""
 
 
 class Generator(Protocol):
     name: str
+    batch_size: int
 
     def generate(
         self,
@@ -60,5 +69,6 @@ class Generator(Protocol):
         params: SamplingParams,
         *,
         on_output: OnOutput | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> list[GenerationOutput]:
         ...

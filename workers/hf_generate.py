@@ -4,7 +4,7 @@ path for beam search. Left padding, input order, one batch at a time."""
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -13,6 +13,7 @@ from shardgen.schemas.sampling import SamplingParams
 from .generation import (
     FINISH_LENGTH,
     FINISH_STOP,
+    GenerationCancelled,
     GenerationOutput,
     GenerationRequest,
     OnOutput,
@@ -35,9 +36,12 @@ class HFGenerate:
         params: SamplingParams,
         *,
         on_output: OnOutput | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> list[GenerationOutput]:
         outputs: list[GenerationOutput] = []
         for start in range(0, len(requests), self.batch_size):
+            if should_stop is not None and should_stop():
+                raise GenerationCancelled(f"stopped with {len(requests) - start} requests unfinished")
             batch = requests[start : start + self.batch_size]
             for offset, output in enumerate(self._generate_batch(batch, params)):
                 outputs.append(output)

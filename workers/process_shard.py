@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 from shardgen.schemas.run import RunSpec
 from shardgen.schemas.shard import Shard
 
-from .generation import GenerationOutput, GenerationRequest, Generator
+from .generation import EngineOOM, GenerationCancelled, GenerationOutput, GenerationRequest, Generator
 from .model_loader import LoadedModel
 from .prompts import PromptTokens, tokenize_row
 from .writer import result_table, shard_path, write_shard_once
@@ -34,6 +34,8 @@ class ShardOutcome:
     prompt_tokens: int
     generated_tokens: int
     seconds: float
+    batch_halvings: int = 0
+    """Times the batch was halved after running out of memory."""
 
 
 def shardgen_version() -> str:
@@ -55,6 +57,7 @@ def process_shard(
     attempt: int = 1,
     worker: str = "embedded",
     on_row: OnRow | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> ShardOutcome:
     started = time.perf_counter()
     rows = shard.rows
@@ -90,7 +93,8 @@ def process_shard(
             on_row(output)
 
     requests = [GenerationRequest(prompts[p].ids, seed=spec.row_seed(rows[p].index)) for p in pending]  # type: ignore[union-attr]
-    for position, output in zip(pending, generate_rows(generator, requests, spec, on_row)):
+    generated, halvings = generate_halving_on_oom(generator, requests, spec, on_row, should_stop)
+    for position, output in zip(pending, generated):
         outputs[position] = output
 
     done = [o for o in outputs if o is not None]
@@ -124,28 +128,69 @@ def process_shard(
         prompt_tokens=sum(o.prompt_tokens for o in done),
         generated_tokens=sum(o.generated_tokens for o in done),
         seconds=time.perf_counter() - started,
+        batch_halvings=halvings,
     )
 
 
+def generate_halving_on_oom(
+    generator: Generator,
+    requests: Sequence[GenerationRequest],
+    spec: RunSpec,
+    on_row: OnRow | None,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[list[GenerationOutput], int]:
+    """Generate every request; out of memory, halve the generator's batch size and redo only unfinished rows."""
+    outputs: dict[int, GenerationOutput] = {}
+    halvings = 0
+
+    def keep(index: int, output: GenerationOutput) -> None:
+        if index in outputs:  # a batch that failed part-way is redone row by row; count each row once
+            return
+        outputs[index] = output
+        if on_row:
+            on_row(output)
+
+    while True:
+        remaining = [i for i in range(len(requests)) if i not in outputs]
+        subset = [requests[i] for i in remaining]
+        try:
+            results = generate_rows(generator, subset, spec, lambda k, out: keep(remaining[k], out), should_stop)
+        except EngineOOM as exc:
+            if generator.batch_size <= 1:
+                raise
+            generator.batch_size = max(1, generator.batch_size // 2)
+            halvings += 1
+            log.warning("%s; halved the batch size to %d and going on", exc, generator.batch_size)
+            continue
+        for k, output in zip(remaining, results):
+            outputs.setdefault(k, output)
+        return [outputs[i] for i in range(len(requests))], halvings
+
+
 def generate_rows(
-    generator: Generator, requests: Sequence[GenerationRequest], spec: RunSpec, on_row: OnRow | None
+    generator: Generator,
+    requests: Sequence[GenerationRequest],
+    spec: RunSpec,
+    on_output: Callable[[int, GenerationOutput], None] | None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[GenerationOutput]:
     """Generate a batch; if the batch as a whole fails, go row by row so one bad row cannot sink the rest."""
     if not requests:
         return []
-    notify = (lambda _index, output: on_row(output)) if on_row else None
+    kwargs = {"should_stop": should_stop} if should_stop is not None else {}
     try:
-        return generator.generate(requests, spec.params, on_output=notify)
-    except MemoryError:
+        return generator.generate(requests, spec.params, on_output=on_output, **kwargs)
+    except (EngineOOM, GenerationCancelled, MemoryError):
         raise
     except Exception as exc:
         if len(requests) == 1:
             output = GenerationOutput.failed(f"generation failed: {type(exc).__name__}: {exc}", len(requests[0].prompt_ids))
-            if on_row:
-                on_row(output)
+            if on_output:
+                on_output(0, output)
             return [output]
         log.warning("batch of %d rows failed (%s); retrying row by row", len(requests), exc)
     outputs = []
-    for request in requests:
-        outputs.extend(generate_rows(generator, [request], spec, on_row))
+    for k, request in enumerate(requests):
+        notify = (lambda _i, out, k=k: on_output(k, out)) if on_output else None
+        outputs.extend(generate_rows(generator, [request], spec, notify, should_stop))
     return outputs

@@ -13,9 +13,10 @@ Every transition that must not race (claim, complete, fail) is one Lua script.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from shardgen.schemas.errors import BrokerError, RunNotFound
 from shardgen.schemas.run import RunSpec
@@ -24,7 +25,8 @@ from shardgen.schemas.shard import InputRow, ShardState, check_run_id, rows_from
 from .redis_conn import connect
 
 PREFIX = "sg"
-LEASE_MS = 30_000
+# A running shard renews its lease every few seconds; one that expires (worker killed, host gone) is requeued.
+LEASE_MS = int(float(os.environ.get("SHARDGEN_LEASE_SECONDS", "30")) * 1000)
 
 _CLAIM = """
 local run, shards, lease = KEYS[1], KEYS[2], KEYS[3]
@@ -37,7 +39,7 @@ if shard.state == 'done' or shard.state == 'failed' then return shard.state end
 local holder = redis.call('GET', lease)
 if holder and holder ~= worker then return 'leased' end
 redis.call('SET', lease, worker, 'PX', lease_ms)
-if shard.state == 'running' and shard.worker ~= worker then shard.reassigned = (shard.reassigned or 0) + 1 end
+redis.call('ZADD', KEYS[4], tonumber(ARGV[6]) + lease_ms, ARGV[7])
 shard.state = 'running'
 shard.worker = worker
 shard.attempts = math.max(shard.attempts or 0, attempt)
@@ -53,6 +55,7 @@ return 'claimed'
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('ZADD', KEYS[3], tonumber(ARGV[5]) + tonumber(ARGV[2]), ARGV[6])
   if ARGV[3] ~= '' then
     local shard = cjson.decode(redis.call('HGET', KEYS[2], ARGV[4]) or '{}')
     if shard.state == 'running' and shard.worker == ARGV[1] then
@@ -78,15 +81,17 @@ shard.finished_at = tonumber(now)
 shard.rows_done = rows
 shard.rows_failed = failed
 shard.generated_tokens = gtok
+shard.prompt_tokens = ptok
 shard.seconds = secs
+shard.halvings = (shard.halvings or 0) + tonumber(ARGV[9])
 shard.error = nil
 redis.call('HSET', shards, index, cjson.encode(shard))
 if redis.call('GET', lease) == worker then redis.call('DEL', lease) end
+redis.call('ZREM', KEYS[4], ARGV[10])
 redis.call('HINCRBY', run, 'rows_done', rows)
 redis.call('HINCRBY', run, 'rows_failed', failed)
 redis.call('HINCRBY', run, 'prompt_tokens', ptok)
 redis.call('HINCRBY', run, 'generated_tokens', gtok)
-redis.call('HINCRBYFLOAT', run, 'generation_seconds', secs)
 local done = redis.call('HINCRBY', run, 'shards_done', 1)
 if was_failed then redis.call('HINCRBY', run, 'shards_failed', -1) end
 local total = tonumber(redis.call('HGET', run, 'shards_total'))
@@ -108,6 +113,7 @@ local index, worker, now, err, final = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[
 local shard = cjson.decode(redis.call('HGET', shards, index) or '{}')
 if shard.state == 'done' or shard.state == 'failed' then return 0 end
 if redis.call('GET', lease) == worker then redis.call('DEL', lease) end
+redis.call('ZREM', KEYS[4], ARGV[6])
 shard.error = err
 shard.worker = worker
 if final then
@@ -120,12 +126,80 @@ if final then
   if done + nfailed == total and redis.call('HGET', run, 'state') ~= 'cancelled' then
     redis.call('HSET', run, 'state', 'failed', 'finished_at', now)
   end
+elseif ARGV[5] == 'cancelled' then
+  shard.state = 'cancelled'
+  redis.call('HSET', shards, index, cjson.encode(shard))
 else
   shard.state = 'queued'
   shard.retries = (shard.retries or 0) + 1
   redis.call('HSET', shards, index, cjson.encode(shard))
 end
 return 1
+"""
+
+# Shards whose lease ran out (their worker died or lost its host) go back to the queue, each exactly once.
+_REAP = """
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 200)
+local requeued = {}
+for _, member in ipairs(expired) do
+  local run, index = string.match(member, '^(.+)|(%d+)$')
+  local lease_key = ARGV[2] .. ':lease:' .. run .. ':' .. index
+  local ttl = redis.call('PTTL', lease_key)
+  if ttl > 0 then
+    redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + ttl, member)
+  else
+    redis.call('ZREM', KEYS[1], member)
+    local shards_key = ARGV[2] .. ':run:' .. run .. ':shards'
+    local raw = redis.call('HGET', shards_key, index)
+    if raw then
+      local shard = cjson.decode(raw)
+      if shard.state == 'running' then
+        shard.state = 'queued'
+        shard.reassigned = (shard.reassigned or 0) + 1
+        shard.error = 'worker ' .. (shard.worker or '?') .. ' stopped renewing its lease'
+        redis.call('HSET', shards_key, index, cjson.encode(shard))
+        table.insert(requeued, member)
+        table.insert(requeued, shard.attempts or 1)
+        table.insert(requeued, shard.reassigned)
+      end
+    end
+  end
+end
+return requeued
+"""
+
+# Put shards back to queued for a retry or resume, undoing their share of the run's counters.
+_RESET = """
+local run, shards = KEYS[1], KEYS[2]
+local reset = 0
+for i = 2, #ARGV do
+  local index = ARGV[i]
+  local shard = cjson.decode(redis.call('HGET', shards, index) or '{}')
+  if shard.state == 'failed' then
+    redis.call('HINCRBY', run, 'shards_failed', -1)
+  elseif shard.state == 'done' then
+    redis.call('HINCRBY', run, 'shards_done', -1)
+    -- 0 - x, not -x: Lua's -0 becomes the string "-0", which HINCRBY refuses
+    redis.call('HINCRBY', run, 'rows_done', 0 - (shard.rows_done or 0))
+    redis.call('HINCRBY', run, 'rows_failed', 0 - (shard.rows_failed or 0))
+    redis.call('HINCRBY', run, 'generated_tokens', 0 - (shard.generated_tokens or 0))
+    redis.call('HINCRBY', run, 'prompt_tokens', 0 - (shard.prompt_tokens or 0))
+  end
+  if shard.state ~= 'running' then
+    shard.state = 'queued'
+    shard.rows_done = 0
+    shard.error = nil
+    shard.retries = (shard.retries or 0) + 1
+    redis.call('HSET', shards, index, cjson.encode(shard))
+    reset = reset + 1
+  end
+end
+if reset > 0 then
+  local started = redis.call('HGET', run, 'started_at')
+  redis.call('HSET', run, 'state', started and 'running' or 'queued')
+  redis.call('HDEL', run, 'finished_at')
+end
+return reset
 """
 
 
@@ -190,6 +264,8 @@ class RunStore:
         self._renew = self.redis.register_script(_RENEW)
         self._complete = self.redis.register_script(_COMPLETE)
         self._fail = self.redis.register_script(_FAIL)
+        self._reap = self.redis.register_script(_REAP)
+        self._reset = self.redis.register_script(_RESET)
 
     # keys
     def run_key(self, run_id: str) -> str:
@@ -204,8 +280,12 @@ class RunStore:
     def lease_key(self, run_id: str, index: int) -> str:
         return f"{self.prefix}:lease:{check_run_id(run_id)}:{int(index)}"
 
+    @property
+    def leases_key(self) -> str:
+        return f"{self.prefix}:leases"
+
     def _shard_keys(self, run_id: str, index: int) -> list[str]:
-        return [self.run_key(run_id), self.shards_key(run_id), self.lease_key(run_id, index)]
+        return [self.run_key(run_id), self.shards_key(run_id), self.lease_key(run_id, index), self.leases_key]
 
     # creating and reading runs
     def create_run(self, spec: RunSpec, work_dir: str) -> None:
@@ -285,25 +365,65 @@ class RunStore:
     # transitions, each one atomic
     def claim(self, run_id: str, index: int, worker: str, attempt: int, lease_ms: int = LEASE_MS) -> str:
         """'claimed', or why not: 'done', 'failed', 'cancelled', 'leased' (another live worker has it), 'missing'."""
-        result = self._claim(keys=self._shard_keys(run_id, index), args=[index, worker, attempt, lease_ms, time.time()])
+        now = time.time()
+        args = [index, worker, attempt, lease_ms, now, int(now * 1000), lease_member(run_id, index)]
+        result = self._claim(keys=self._shard_keys(run_id, index), args=args)
         return result.decode() if isinstance(result, bytes) else result
 
     def renew(self, run_id: str, index: int, worker: str, rows_done: int | None = None, lease_ms: int = LEASE_MS) -> bool:
-        keys = [self.lease_key(run_id, index), self.shards_key(run_id)]
-        return bool(self._renew(keys=keys, args=[worker, lease_ms, "" if rows_done is None else rows_done, index]))
+        keys = [self.lease_key(run_id, index), self.shards_key(run_id), self.leases_key]
+        args = [worker, lease_ms, "" if rows_done is None else rows_done, index, int(time.time() * 1000), lease_member(run_id, index)]
+        return bool(self._renew(keys=keys, args=args))
 
     def complete(
-        self, run_id: str, index: int, worker: str, *, rows: int, rows_failed: int, prompt_tokens: int, generated_tokens: int, seconds: float
+        self,
+        run_id: str,
+        index: int,
+        worker: str,
+        *,
+        rows: int,
+        rows_failed: int,
+        prompt_tokens: int,
+        generated_tokens: int,
+        seconds: float,
+        batch_halvings: int = 0,
     ) -> bool:
-        args = [index, worker, time.time(), rows, rows_failed, prompt_tokens, generated_tokens, seconds]
+        """Mark the shard done once; False when it already was (a late duplicate)."""
+        args = [index, worker, time.time(), rows, rows_failed, prompt_tokens, generated_tokens, seconds, batch_halvings, lease_member(run_id, index)]
         return bool(self._complete(keys=self._shard_keys(run_id, index), args=args))
 
     def fail(self, run_id: str, index: int, worker: str, error: str, *, final: bool) -> bool:
-        args = [index, worker, time.time(), error[:2000], "1" if final else "0"]
+        """Record a failed attempt: back to queued for a retry, or failed for good when final."""
+        args = [index, worker, time.time(), error[:2000], "1" if final else "0", lease_member(run_id, index)]
         return bool(self._fail(keys=self._shard_keys(run_id, index), args=args))
 
-    def cancel(self, run_id: str) -> None:
+    def release_cancelled(self, run_id: str, index: int, worker: str) -> None:
+        args = [index, worker, time.time(), "cancelled by user", "cancelled", lease_member(run_id, index)]
+        self._fail(keys=self._shard_keys(run_id, index), args=args)
+
+    def reap_expired_leases(self) -> list[tuple[str, int, int, int]]:
+        """(run_id, shard, attempts, reassigned) for each shard whose worker stopped renewing; each is returned once."""
+        flat = self._reap(keys=[self.leases_key], args=[int(time.time() * 1000), self.prefix])
+        out = []
+        for i in range(0, len(flat), 3):
+            member = flat[i].decode() if isinstance(flat[i], bytes) else flat[i]
+            run_id, index = member.rsplit("|", 1)
+            out.append((run_id, int(index), int(flat[i + 1]), int(flat[i + 2])))
+        return out
+
+    def reset_shards(self, run_id: str, indices: list[int]) -> int:
+        """Queue these shards again (failed, cancelled, lost or missing their file); returns how many."""
+        if not indices:
+            return 0
+        return int(self._reset(keys=[self.run_key(run_id), self.shards_key(run_id)], args=[0, *indices]))
+
+    def cancel(self, run_id: str) -> bool:
+        """Mark the run cancelled; False if it had already ended."""
+        record = self.record(run_id, with_shards=False)
+        if record.finished:
+            return False
         self.redis.hset(self.run_key(run_id), mapping={"state": ShardState.CANCELLED.value, "finished_at": time.time()})
+        return True
 
     def is_cancelled(self, run_id: str) -> bool:
         state = self.redis.hget(self.run_key(run_id), "state")
@@ -316,5 +436,5 @@ class RunStore:
             raise BrokerError(f"Redis did not answer a ping: {exc}") from None
 
 
-def iter_indices(records: Iterable[ShardRecord], *states: str) -> list[int]:
-    return [r.index for r in records if r.state in states]
+def lease_member(run_id: str, index: int) -> str:
+    return f"{run_id}|{int(index)}"

@@ -15,7 +15,7 @@ from shardgen.schemas.run import RunSpec
 from shardgen.schemas.shard import ShardMessage
 
 from .celery_app import TASK_NAME, app, enqueue
-from .generation import Generator
+from .generation import GenerationCancelled, Generator
 from .model_loader import LoadedModel
 from .process_shard import process_shard
 from .run_store import LEASE_MS, RunStore
@@ -29,6 +29,7 @@ class WorkerContext:
     generator: Generator
     store: RunStore
     worker_id: str
+    batch_size: int
 
 
 CONTEXT: WorkerContext | None = None
@@ -73,10 +74,18 @@ def handle_message(payload: Any, ctx: WorkerContext) -> str:
             attempt=message.attempt,
             worker=ctx.worker_id,
             on_row=lambda _output: heartbeat.row_done(),
+            should_stop=heartbeat.cancelled.is_set,
         )
+    except GenerationCancelled:
+        heartbeat.stop()
+        ctx.store.release_cancelled(message.run_id, message.shard_index, ctx.worker_id)
+        log.info("shard %s of run %s stopped: the run was cancelled", message.shard_index, message.run_id)
+        return "cancelled"
     except Exception as exc:  # noqa: BLE001 - any failure of a shard is recorded and retried, never lost
         heartbeat.stop()
         return _record_failure(ctx, spec, message, payload, exc)
+    finally:
+        ctx.generator.batch_size = ctx.batch_size  # a halving after OOM lasts for its shard only
     heartbeat.stop()
     ctx.store.complete(
         message.run_id,
@@ -87,6 +96,7 @@ def handle_message(payload: Any, ctx: WorkerContext) -> str:
         prompt_tokens=outcome.prompt_tokens,
         generated_tokens=outcome.generated_tokens,
         seconds=outcome.seconds,
+        batch_halvings=outcome.batch_halvings,
     )
     log.info("shard %s of run %s done: %d rows, %d tokens, %.1fs", message.shard_index, message.run_id, outcome.rows, outcome.generated_tokens, outcome.seconds)
     return "done"
@@ -105,14 +115,60 @@ def _record_failure(ctx: WorkerContext, spec: RunSpec, message: ShardMessage, pa
     return "retrying"
 
 
-class Heartbeat:
-    """Renews the shard's lease while it runs and publishes how many of its rows are done."""
+def requeue_expired_shards(store: RunStore) -> int:
+    """Send shards whose worker died back to the queue (each exactly once, whoever calls this)."""
+    requeued = 0
+    for run_id, index, attempts, reassigned in store.reap_expired_leases():
+        try:
+            spec = store.spec(run_id)
+            rows = store.shard_rows(run_id, index)
+        except ShardgenError as exc:
+            log.error("cannot requeue shard %s of run %s: %s", index, run_id, exc.line())
+            continue
+        if reassigned > spec.max_retries + 1:
+            store.fail(run_id, index, "reaper", f"its worker died {reassigned} times while running it", final=True)
+            log.error("shard %s of run %s failed: its worker died %d times", index, run_id, reassigned)
+            continue
+        message = ShardMessage(run_id, index, rows, attempt=attempts + 1)
+        enqueue(app, message.to_dict(), spec.model.queue)
+        log.warning("shard %s of run %s lost its worker; requeued (attempt %d)", index, run_id, attempts + 1)
+        requeued += 1
+    return requeued
 
-    def __init__(self, store: RunStore, run_id: str, shard_index: int, worker: str, interval_s: float = 2.0):
+
+class Watchdog:
+    """A worker-side thread that periodically puts back the shards of workers that died."""
+
+    def __init__(self, store: RunStore, interval_s: float = min(10.0, LEASE_MS / 3000)):
+        self.store, self.interval_s = store, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="shardgen-watchdog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                requeue_expired_shards(self.store)
+            except Exception as exc:  # noqa: BLE001 - Redis may be restarting; try again next round
+                log.warning("watchdog: %s", exc)
+            if self._stop.wait(self.interval_s):
+                return
+
+
+class Heartbeat:
+    """Renews the shard's lease while it runs, publishes how many of its rows are done, notices cancellation."""
+
+    def __init__(self, store: RunStore, run_id: str, shard_index: int, worker: str, interval_s: float = min(2.0, LEASE_MS / 5000)):
         self.store, self.run_id, self.shard_index, self.worker = store, run_id, shard_index, worker
         self.interval_s = interval_s
         self.rows_done = 0
         self.lease_lost = False
+        self.cancelled = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="shardgen-heartbeat", daemon=True)
 
@@ -131,5 +187,7 @@ class Heartbeat:
             try:
                 if not self.store.renew(self.run_id, self.shard_index, self.worker, self.rows_done):
                     self.lease_lost = True
+                if self.store.is_cancelled(self.run_id):
+                    self.cancelled.set()
             except Exception as exc:  # noqa: BLE001 - Redis blips must not kill the shard
                 log.warning("lease renewal failed: %s", exc)

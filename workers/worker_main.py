@@ -40,13 +40,16 @@ def start_worker(
     if loaded.info.get("note") and console is not None:
         console.print(f"[yellow]{loaded.info['note']}")
     generator = make_generator(loaded, batch_size, compile=compile)
-    tasks.CONTEXT = tasks.WorkerContext(loaded=loaded, generator=generator, store=store, worker_id=tasks.worker_id(device))
+    tasks.CONTEXT = tasks.WorkerContext(
+        loaded=loaded, generator=generator, store=store, worker_id=tasks.worker_id(device), batch_size=batch_size
+    )
     if console is not None:
         console.print(
             f"worker {tasks.CONTEXT.worker_id}: {spec.model} ({spec.quantize}) on {device}, "
             f"queue {spec.queue}, broker {redact(url)}"
         )
     app = configure(url)
+    tasks.Watchdog(store).start()
     name = node_name or f"shardgen-{spec.slug}-{device}@{socket.gethostname()}".replace(":", "-")
     app.worker_main(
         [

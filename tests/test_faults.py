@@ -1,0 +1,209 @@
+"""Workers die, Redis restarts, shards fail, users cancel: nothing is lost, nothing is doubled."""
+
+import json
+import os
+import random
+import signal
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import RedisServer, run_cli, write_jsonl
+from tests.test_distributed import make_rows, wait_for_end
+
+FAST_LEASE = {"SHARDGEN_LEASE_SECONDS": "4"}
+
+
+@pytest.fixture(autouse=True)
+def fast_leases(monkeypatch):
+    for key, value in FAST_LEASE.items():
+        monkeypatch.setenv(key, value)
+
+
+def submit(data, work, broker, model, *extra):
+    result = run_cli("submit", str(data), "--work-dir", str(work), "--broker", broker, "--model", model, "--json", *extra)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["run_id"]
+
+
+def status_of(run_id, broker):
+    result = run_cli("status", run_id, "--json", "--broker", broker)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def collect_exactly_once(run_id, broker, tmp_path, rows):
+    out = tmp_path / f"{run_id}.parquet"
+    result = run_cli("collect", run_id, "-o", str(out), "--broker", broker)
+    assert result.returncode == 0, result.stderr
+    table = pq.read_table(out).to_pylist()
+    assert [r["row_index"] for r in table] == list(range(rows))
+    assert all(r["error"] is None for r in table)
+    return table
+
+
+def test_workers_killed_at_random_moments_lose_and_double_nothing(tmp_path, redis_url, tiny_model_dir, start_worker):
+    model = str(tiny_model_dir)
+    data = write_jsonl(tmp_path / "q.jsonl", make_rows(160))
+    run_id = submit(data, tmp_path / "work", redis_url, model, "--shard-size", "8", "--max-new-tokens", "24")
+    workers = [start_worker(model, redis_url), start_worker(model, redis_url)]
+    rng = random.Random(7)
+    kills = 0
+    for round_ in range(4):
+        for worker in workers:
+            worker.wait_ready()
+        time.sleep(rng.uniform(1.0, 4.0))
+        if status_of(run_id, redis_url)["state"] == "done":
+            break
+        victim = rng.choice(workers)
+        victim.kill(signal.SIGKILL)
+        kills += 1
+        workers.remove(victim)
+        workers.append(start_worker(model, redis_url))
+    status = wait_for_end(run_id, redis_url, timeout=300)
+    assert status["state"] == "done" and status["rows_done"] == 160 and status["shards_done"] == 20
+    assert kills >= 1
+    collect_exactly_once(run_id, redis_url, tmp_path, 160)
+
+
+def test_a_killed_workers_shard_is_taken_over_within_the_lease(tmp_path, redis_url, tiny_model_dir, start_worker):
+    model = str(tiny_model_dir)
+    data = write_jsonl(tmp_path / "q.jsonl", make_rows(16))
+    doomed = start_worker(model, redis_url)
+    doomed.wait_ready()
+    run_id = submit(data, tmp_path / "work", redis_url, model, "--shard-size", "16", "--max-new-tokens", "400")
+    deadline = time.time() + 60
+    while status_of(run_id, redis_url)["shards_running"] == 0:
+        assert time.time() < deadline
+        time.sleep(0.2)
+    doomed.kill(signal.SIGKILL)
+    killed_at = time.time()
+    rescuer = start_worker(model, redis_url, "--batch-size", "16")
+    status = wait_for_end(run_id, redis_url, timeout=240)
+    assert status["state"] == "done" and status["reassigned"] == 1
+    assert time.time() - killed_at < 120
+    collect_exactly_once(run_id, redis_url, tmp_path, 16)
+
+
+def test_redis_restart_mid_run_loses_no_state(tmp_path, tiny_model_dir, start_worker):
+    server = RedisServer(tmp_path / "redis-data").start()
+    try:
+        model = str(tiny_model_dir)
+        data = write_jsonl(tmp_path / "q.jsonl", make_rows(96))
+        worker = start_worker(model, server.url)
+        worker.wait_ready()
+        run_id = submit(data, tmp_path / "work", server.url, model, "--shard-size", "8", "--max-new-tokens", "16")
+        deadline = time.time() + 120
+        while status_of(run_id, server.url)["shards_done"] < 2:
+            assert time.time() < deadline
+            time.sleep(0.3)
+        server.stop()
+        time.sleep(2)
+        server.start()
+        status = wait_for_end(run_id, server.url, timeout=300)
+        assert status["state"] == "done" and status["rows_done"] == 96
+        collect_exactly_once(run_id, server.url, tmp_path, 96)
+    finally:
+        server.stop()
+
+
+def test_failed_shards_are_retried_with_backoff_then_marked_failed_and_retry_recovers(tmp_path, redis_url, tiny_model_dir, start_worker):
+    model = str(tiny_model_dir)
+    data = write_jsonl(tmp_path / "q.jsonl", make_rows(12))
+    work = tmp_path / "work"
+    run_id = submit(data, work, redis_url, model, "--shard-size", "6", "--max-new-tokens", "4", "--max-retries", "1")
+    blocker = work / run_id
+    for item in blocker.iterdir():
+        item.unlink()
+    blocker.rmdir()
+    blocker.write_text("a file where the run directory should be")  # every write of a result now fails
+    worker = start_worker(model, redis_url)
+    status = wait_for_end(run_id, redis_url, timeout=120)
+    assert status["state"] == "failed" and status["shards_failed"] == 2 and status["retries"] == 2
+    assert all(f["attempts"] == 2 and "Error" in f["error"] for f in status["failed_shards"])
+    table = run_cli("status", run_id, "--broker", redis_url).stdout
+    assert "failed shards" in table
+
+    incomplete = run_cli("collect", run_id, "-o", str(tmp_path / "x.parquet"), "--work-dir", str(tmp_path / "saved"), "--broker", redis_url)
+    assert incomplete.returncode != 0
+
+    blocker.unlink()
+    blocker.mkdir()
+    (blocker / "run.json").write_text(json.dumps({"spec": {}, "rows_total": 0, "shards_total": 0}))
+    retried = run_cli("retry", run_id, "--broker", redis_url)
+    assert retried.returncode == 0 and "queued 2 shard(s)" in retried.stderr
+    status = wait_for_end(run_id, redis_url, timeout=120)
+    assert status["state"] == "done" and status["shards_failed"] == 0 and status["rows_done"] == 12
+
+
+def test_cancel_stops_the_run_and_retry_finishes_it(tmp_path, redis_url, tiny_model_dir, start_worker):
+    model = str(tiny_model_dir)
+    data = write_jsonl(tmp_path / "q.jsonl", make_rows(64))
+    run_id = submit(data, tmp_path / "work", redis_url, model, "--shard-size", "8", "--max-new-tokens", "64")
+    worker = start_worker(model, redis_url)
+    deadline = time.time() + 120
+    while status_of(run_id, redis_url)["shards_done"] < 1:
+        assert time.time() < deadline
+        time.sleep(0.3)
+    cancelled = run_cli("cancel", run_id, "--broker", redis_url)
+    assert cancelled.returncode == 0, cancelled.stderr
+    time.sleep(6)
+    status = status_of(run_id, redis_url)
+    assert status["state"] == "cancelled" and status["shards_running"] == 0 and status["shards_done"] < 8
+    again = run_cli("cancel", run_id, "--broker", redis_url)
+    assert again.returncode != 0 and "already ended" in again.stderr
+    assert run_cli("retry", run_id, "--broker", redis_url).returncode == 0
+    status = wait_for_end(run_id, redis_url, timeout=240)
+    assert status["state"] == "done"
+    collect_exactly_once(run_id, redis_url, tmp_path, 64)
+
+
+def test_resume_redoes_only_missing_shards_and_refuses_different_settings(tmp_path, redis_url, tiny_model_dir, start_worker):
+    model = str(tiny_model_dir)
+    data = write_jsonl(tmp_path / "q.jsonl", make_rows(24))
+    work = tmp_path / "work"
+    common = ["--shard-size", "8", "--max-new-tokens", "4"]
+    run_id = submit(data, work, redis_url, model, *common)
+    worker = start_worker(model, redis_url)
+    assert wait_for_end(run_id, redis_url)["state"] == "done"
+    kept = work / run_id / "part-00000.parquet"
+    kept_bytes = kept.read_bytes()
+    (work / run_id / "part-00001.parquet").unlink()
+
+    refused = run_cli("submit", str(data), "--work-dir", str(work), "--broker", redis_url, "--model", model, *common,
+                      "--temperature", "0.5", "--resume", run_id)
+    assert refused.returncode != 0 and "generation parameters" in refused.stderr and "Traceback" not in refused.stderr
+
+    resumed = run_cli("submit", str(data), "--work-dir", str(work), "--broker", redis_url, "--model", model, *common, "--resume", run_id)
+    assert resumed.returncode == 0 and "1 of 3 shard(s) queued again" in resumed.stderr
+    assert wait_for_end(run_id, redis_url)["state"] == "done"
+    assert kept.read_bytes() == kept_bytes
+    collect_exactly_once(run_id, redis_url, tmp_path, 24)
+
+
+def test_malformed_and_foreign_messages_are_rejected_not_executed(tmp_path, redis_url, tiny_model_dir, start_worker):
+    from celery import Celery
+
+    from shardgen.schemas.model import ModelSpec
+    from shardgen.workers.celery_app import TASK_NAME
+
+    model = str(tiny_model_dir)
+    queue = ModelSpec(model=model).queue
+    marker = tmp_path / "pwned"
+    sender = Celery("attacker", broker=redis_url)
+    sender.conf.accept_content = ["json", "pickle"]
+    sender.send_task(TASK_NAME, args=[{"run_id": "x", "shard_index": 0, "rows": []}], queue=queue, serializer="pickle")
+    sender.send_task(TASK_NAME, args=[{"run_id": "../../etc", "shard_index": 0, "rows": []}], queue=queue)
+    sender.send_task(TASK_NAME, args=["not a shard"], queue=queue)
+    sender.send_task("celery.backend_cleanup", queue=queue)
+    sender.send_task("os.system", args=[f"touch {marker}"], queue=queue)
+    worker = start_worker(model, redis_url)
+    worker.wait_ready()
+    data = write_jsonl(tmp_path / "q.jsonl", make_rows(8))
+    run_id = submit(data, tmp_path / "work", redis_url, model, "--shard-size", "4", "--max-new-tokens", "4")
+    assert wait_for_end(run_id, redis_url)["state"] == "done"
+    log = worker.log_path.read_text(errors="replace")
+    assert "pickle" in log and "rejected message (not executed)" in log and "invalid run id" in log
+    assert not marker.exists()
+    assert worker.process.poll() is None
