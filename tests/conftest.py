@@ -29,7 +29,7 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server process on a free port, with its data in a temp dir (AOF on, so restarts keep state)."""
 
-    def __init__(self, directory: Path, *extra: str):
+    def __init__(self, directory: Path, *extra: str, tls: bool = False):
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail(
@@ -41,16 +41,20 @@ class RedisServer:
         self.directory = directory
         self.port = free_port()
         self.extra = extra
+        self.tls = tls
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def port_args(self) -> list[str]:
+        return ["--port", "0", "--tls-port", str(self.port)] if self.tls else ["--port", str(self.port)]
+
     def start(self) -> "RedisServer":
         self.directory.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+            [self.binary, *self.port_args(), "--bind", "127.0.0.1", "--dir", str(self.directory),
              "--save", "", "--appendonly", "yes", "--appendfsync", "always", *self.extra],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

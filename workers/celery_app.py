@@ -28,6 +28,14 @@ app.conf.update(
 
 
 def configure(broker: str) -> Celery:
+    from urllib.parse import urlsplit, urlunsplit
+
+    from .redis_conn import tls_options
+
+    tls = tls_options(broker)
+    if tls is not None:
+        app.conf.broker_use_ssl = tls
+        broker = urlunsplit(urlsplit(broker)._replace(query=""))
     app.conf.broker_url = broker
     return app
 

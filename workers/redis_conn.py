@@ -38,15 +38,39 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+TLS_QUERY_KEYS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+
+
+def tls_options(url: str) -> dict[str, Any] | None:
+    """For rediss:// URLs, the TLS settings in its query (CA, client cert), certificate checks on by default."""
+    import ssl
+    from urllib.parse import parse_qs
+
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        return None
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items() if k in TLS_QUERY_KEYS}
+    requirement = query.pop("ssl_cert_reqs", "required").lower().removeprefix("cert_")
+    levels = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+    if requirement not in levels:
+        raise BrokerError(f"ssl_cert_reqs must be required, optional or none, got {requirement!r}", "fix the broker URL")
+    for key in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if key in query and not os.path.isfile(query[key]):
+            raise BrokerError(f"{key} file {query[key]} does not exist", "fix the path in the broker URL")
+    return {"ssl_cert_reqs": levels[requirement], **query}
+
+
 def connect(url: str, *, timeout_s: float = 5.0) -> Any:
     """A redis client that has answered a ping, or a BrokerError saying what to do."""
     import redis
     from redis.backoff import ExponentialBackoff
     from redis.retry import Retry
 
+    tls = tls_options(url)
     try:
         client = redis.Redis.from_url(
-            url,
+            urlunsplit(urlsplit(url)._replace(query="")) if tls is not None else url,
+            **(tls or {}),
             socket_connect_timeout=timeout_s,
             socket_timeout=max(timeout_s, 30.0),
             health_check_interval=15,
@@ -55,6 +79,8 @@ def connect(url: str, *, timeout_s: float = 5.0) -> Any:
         )
         client.ping()
     except redis.exceptions.AuthenticationError:
+        if urlsplit(url).password is None:
+            raise BrokerError(f"Redis at {redact(url)} needs a password", "use redis://:PASSWORD@host:port/db") from None
         raise BrokerError(f"Redis at {redact(url)} refused the password", "check the password in --broker / SHARDGEN_BROKER_URL") from None
     except redis.exceptions.ResponseError as exc:
         if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
