@@ -15,7 +15,7 @@ import click
 from rich.console import Console
 from rich.live import Live
 
-from shardgen.schemas.errors import InvalidParameter, ShardgenError
+from shardgen.schemas.errors import BrokerError, InvalidParameter, ShardgenError
 from shardgen.schemas.model import DTYPES, QUANTIZE_METHODS
 from shardgen.workers.redis_conn import BROKER_ENV, DEFAULT_BROKER_URL
 
@@ -400,9 +400,17 @@ def status(run_id: str | None, broker: str | None, as_json: bool, watch: bool, i
         out.print(status_view(status_dict(record)))
         return
     with Live(status_view(status_dict(record)), console=out, refresh_per_second=4) as live:
+        unreachable_since: float | None = None
         while not record.finished:
             time.sleep(interval)
-            record = store.record(run_id)
+            try:
+                record = store.record(run_id)
+                unreachable_since = None
+            except Exception as exc:  # Redis restarting: keep watching for a while before giving up
+                unreachable_since = unreachable_since or time.time()
+                if time.time() - unreachable_since > 120:
+                    raise BrokerError(f"lost Redis for 2 minutes while watching run {run_id}: {exc}", "check the broker and watch again") from None
+                continue
             live.update(status_view(status_dict(record)))
     if as_json:
         out.print_json(json.dumps(status_dict(record)))
