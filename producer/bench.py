@@ -177,43 +177,50 @@ def run_engine(engine: Any, workload: Workload) -> Measured:
     return Measured(useful, list(first.values()), engine.computed_token_slots, engine.last_path)
 
 
-def run_hf_generate(hf: Any, workload: Workload) -> Measured:
-    """Static batches; the first token of a batch arrives at the streamer's second call (the first is the prompt)."""
-    from transformers.generation.streamers import BaseStreamer
+class FirstTokenStreamer:
+    """A transformers streamer that notes when a batch's first tokens arrive (its second call; the first is the
+    prompt)."""
 
+    def __init__(self) -> None:
+        self.calls = 0
+        self.time: float | None = None
+
+    def put(self, value: Any) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.time = time.perf_counter()
+
+    def end(self) -> None:
+        self.calls = 0
+
+
+def streamed_hf_generate(loaded: Any, batch_size: int, streamer: FirstTokenStreamer) -> Any:
+    from shardgen.workers.hf_generate import HFGenerate
+
+    class StreamedHFGenerate(HFGenerate):
+        def generation_kwargs(self, params: SamplingParams) -> dict:
+            return {**super().generation_kwargs(params), "streamer": streamer}
+
+    return StreamedHFGenerate(loaded, batch_size)
+
+
+def run_hf_generate(loaded: Any, batch_size: int, workload: Workload) -> Measured:
+    """Static batches, one after the other: every row of a batch gets its first token at the same time."""
     from shardgen.workers.generation import GenerationRequest
 
-    class FirstToken(BaseStreamer):
-        def __init__(self) -> None:
-            self.calls = 0
-            self.time: float | None = None
-
-        def put(self, value: Any) -> None:
-            self.calls += 1
-            if self.calls == 2:
-                self.time = time.perf_counter()
-
-        def end(self) -> None:
-            pass
-
-    streamer = FirstToken()
-    base_kwargs = hf.generation_kwargs
-    hf.generation_kwargs = lambda params: {**base_kwargs(params), "streamer": streamer}
+    streamer = FirstTokenStreamer()
+    hf = streamed_hf_generate(loaded, batch_size, streamer)
     requests = [GenerationRequest(ids, seed=i) for i, ids in enumerate(workload.prompts)]
     first, useful, computed = [], 0, 0
     started = time.perf_counter()
-    try:
-        for start in range(0, len(requests), hf.batch_size):
-            batch = requests[start : start + hf.batch_size]
-            streamer.calls = 0
-            outputs = hf.generate(batch, workload.params)
-            first += [streamer.time - started] * len(batch)
-            lengths = [len(s.token_ids) for o in outputs for s in o.samples]
-            useful += sum(lengths)
-            width = max(len(r.prompt_ids) for r in batch)
-            computed += len(lengths) * (width + max(lengths) - 1)
-    finally:
-        del hf.generation_kwargs
+    for start in range(0, len(requests), batch_size):
+        batch = requests[start : start + batch_size]
+        outputs = hf.generate(batch, workload.params)
+        first += [streamer.time - started] * len(batch)
+        lengths = [len(s.token_ids) for o in outputs for s in o.samples]
+        useful += sum(lengths)
+        width = max(len(r.prompt_ids) for r in batch)
+        computed += len(lengths) * (width + max(lengths) - 1)  # prefill with padding, then every row each step
     return Measured(useful, first, computed, "hf-generate")
 
 
@@ -328,7 +335,6 @@ def bench(model, quantize, device, batch_size, prompt_count, max_new_tokens, wor
     (generate_batch) on the same prompts: useful tokens/s, time to first token, padding waste, peak memory."""
     from shardgen.schemas.model import ModelSpec
     from shardgen.workers.engine import Engine
-    from shardgen.workers.hf_generate import HFGenerate
     from shardgen.workers.model_loader import load_model
 
     chosen = [g.strip() for g in generators.split(",") if g.strip()]
@@ -345,8 +351,7 @@ def bench(model, quantize, device, batch_size, prompt_count, max_new_tokens, wor
         engine = Engine(loaded, batch_size=batch_size, compile=compile_)
         runners["engine"] = lambda w: run_engine(engine, w)
     if "hf-generate" in chosen:
-        hf = HFGenerate(loaded, batch_size=batch_size)
-        runners["hf-generate"] = lambda w: run_hf_generate(hf, w)
+        runners["hf-generate"] = lambda w: run_hf_generate(loaded, batch_size, w)
     if "hf-continuous" in chosen:
         runners["hf-continuous"] = lambda w: run_hf_continuous(loaded.model, loaded.tokenizer, w)
     if "engine-no-kv" in chosen:

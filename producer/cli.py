@@ -277,11 +277,10 @@ def submit(as_json: bool, resume_id: str | None, **kwargs: Any) -> None:
 
 
 def _resume(store: Any, url: str, run_id: str, spec: Any, work_dir: Path) -> Any:
-    from .embedded import spec_difference
     from .submit import requeue, shards_to_redo
 
     record = store.record(run_id)
-    difference = spec_difference(record.spec, spec)
+    difference = record.spec.difference(spec)
     if difference:
         raise ShardgenError(f"cannot resume run {run_id} with a different {difference}", "resume with the original settings, or submit a new run")
     if Path(record.work_dir).resolve() != work_dir.expanduser().resolve():

@@ -7,6 +7,7 @@ The file may be flat (`temperature = 0.7`) or use tables ([generation], [model],
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from pathlib import Path
 from typing import Any, Mapping
@@ -78,13 +79,29 @@ def normalize(raw: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
 
 
 def merge(file_options: Mapping[str, Any], flag_options: Mapping[str, Any]) -> dict[str, Any]:
-    """Flags given on the command line (not None) override the file."""
+    """Flags given on the command line (not None) override the file; quantization fields override field by field."""
     merged = dict(file_options)
     for key, value in flag_options.items():
         if value is None or value == ():
             continue
+        if key == "quantization_config":
+            value = {**merged.get(key, {}), **parse_quantization_config(value)}
         merged[key] = value
     return merged
+
+
+def parse_quantization_config(value: str | Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of a --quantization-config flag: a JSON object (already a mapping from the Python API)."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    example = """'{"load_in_4bit": true, "bnb_4bit_quant_type": "nf4"}' or '{"bits": 4, "dataset": "calib.jsonl"}'"""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise InvalidParameter(f"--quantization-config is not valid JSON ({exc.msg})", f"pass a JSON object such as {example}") from None
+    if not isinstance(parsed, dict):
+        raise InvalidParameter("--quantization-config must be a JSON object", f"pass one such as {example}")
+    return parsed
 
 
 def build_run_spec(options: Mapping[str, Any], **fixed: Any) -> RunSpec:

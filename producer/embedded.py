@@ -106,7 +106,7 @@ def _resume_or_start(spec: RunSpec, parts: Path, rows_total: int, shards_total: 
             previous = read_run_file(run_dir)
             if previous is None:
                 continue
-            difference = spec_difference(previous[0], spec)
+            difference = previous[0].difference(spec)
             if difference:
                 raise InvalidParameter(
                     f"{parts} holds an unfinished run with a different {difference}",
@@ -116,31 +116,6 @@ def _resume_or_start(spec: RunSpec, parts: Path, rows_total: int, shards_total: 
             return previous[0]
     write_run_file(parts / spec.run_id, spec, rows_total, shards_total)
     return spec
-
-
-def spec_difference(old: RunSpec, new: RunSpec) -> str | None:
-    """Name the first setting that makes two runs produce different results, or None if they match."""
-    checks = {
-        "input": (old.input, new.input),
-        "model": (old.model.model, new.model.model),
-        "quantization": ((old.model.quantize, dict(old.model.quantization_config)), (new.model.quantize, dict(new.model.quantization_config))),
-        "generation parameters": (_params_without_seed(old), _params_without_seed(new)),
-        "seed": (old.params.seed, new.params.seed),
-        "column mapping": (old.columns, new.columns),
-        "shard size": (old.shard_size, new.shard_size),
-        "split or limit": ((old.split, old.limit), (new.split, new.limit)),
-        "prompt settings": ((old.chat_template, old.max_prompt_tokens), (new.chat_template, new.max_prompt_tokens)),
-    }
-    for name, (a, b) in checks.items():
-        if a != b:
-            return f"{name} ({a} then {b})" if name not in ("column mapping", "generation parameters") else name
-    return None
-
-
-def _params_without_seed(spec: RunSpec) -> dict:
-    params = spec.params.to_dict()
-    params.pop("seed")
-    return params
 
 
 def peak_memory_bytes(device: str) -> int:

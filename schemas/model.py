@@ -10,8 +10,12 @@ from typing import Any, Mapping
 
 from .errors import InvalidParameter
 
-QUANTIZE_METHODS = ("none", "nf4", "fp4", "int8")
+QUANTIZE_METHODS = ("none", "nf4", "fp4", "int8", "gptq", "awq")
+BNB_METHODS = ("nf4", "fp4", "int8")
+PREQUANTIZED_METHODS = ("gptq", "awq")
+"""Methods that need a checkpoint quantized beforehand (or, for gptq, calibration data to make one)."""
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+GPTQ_BITS = (2, 3, 4, 8)
 
 # Fields of transformers' BitsAndBytesConfig a user may write in a `quantization_config` table.
 BNB_FIELDS = {
@@ -25,16 +29,27 @@ BNB_FIELDS = {
     "llm_int8_skip_modules": list,
     "llm_int8_enable_fp32_cpu_offload": bool,
 }
+# GPTQ calibration fields: those of transformers' GPTQConfig (bits, group_size, dataset, damp_percent) plus which
+# text column and how many rows of the dataset to calibrate on.
+GPTQ_FIELDS = {
+    "bits": int,
+    "group_size": int,
+    "dataset": str,
+    "text_column": str,
+    "samples": int,
+    "damp_percent": float,
+}
+QUANTIZATION_FIELDS = {**BNB_FIELDS, **GPTQ_FIELDS}
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     model: str = "smollm2-135m"
-    """Alias, local checkpoint directory (or a directory of checkpoints), or hub id."""
+    """Alias, local checkpoint directory (or a directory of checkpoints), GGUF file, or hub id."""
     quantize: str = "none"
-    """none, nf4, fp4 or int8 (bitsandbytes)."""
+    """none (or auto: as the checkpoint says), nf4, fp4, int8 (bitsandbytes), gptq or awq (pre-quantized)."""
     quantization_config: Mapping[str, Any] = field(default_factory=dict)
-    """Fields of BitsAndBytesConfig; they refine `quantize` or imply it."""
+    """Fields of BitsAndBytesConfig or GPTQ calibration fields; they refine `quantize` or imply it."""
     dtype: str = "auto"
     """Weights dtype: auto picks float32 on CPU and bfloat16 on CUDA."""
     revision: str | None = None
@@ -43,39 +58,9 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
             raise InvalidParameter("model must be a non-empty string", "pass --model smollm2-135m, a directory or a hub id")
-        config = dict(self.quantization_config or {})
-        for key, value in config.items():
-            if key not in BNB_FIELDS:
-                raise InvalidParameter(
-                    f"unknown quantization_config field {key!r}", f"use one of {', '.join(BNB_FIELDS)}"
-                )
-            expected = BNB_FIELDS[key]
-            if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-                config[key] = value
-            if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
-                raise InvalidParameter(f"quantization_config.{key} must be {expected.__name__}, got {value!r}")
-        quantize = self.quantize if self.quantize is not None else "none"
-        if isinstance(quantize, bool):
-            quantize = "nf4" if quantize else "none"
-        quantize = str(quantize).lower()
-        if quantize == "none":
-            if config.get("load_in_8bit"):
-                quantize = "int8"
-            elif config.get("load_in_4bit"):
-                quantize = config.get("bnb_4bit_quant_type", "nf4")
-        if quantize not in QUANTIZE_METHODS:
-            raise InvalidParameter(f"unknown quantization {self.quantize!r}", f"use one of {', '.join(QUANTIZE_METHODS)}")
-        if quantize in ("nf4", "fp4"):
-            quant_type = config.get("bnb_4bit_quant_type", quantize)
-            if quant_type not in ("nf4", "fp4"):
-                raise InvalidParameter(f"bnb_4bit_quant_type must be nf4 or fp4, got {quant_type!r}")
-            quantize = quant_type
-        if quantize == "int8" and config.get("load_in_4bit") or quantize in ("nf4", "fp4") and config.get("load_in_8bit"):
-            raise InvalidParameter(f"quantization_config contradicts quantize={quantize}", "set only one of 4-bit and 8-bit")
-        compute = config.get("bnb_4bit_compute_dtype")
-        if compute is not None and compute not in DTYPES[1:]:
-            raise InvalidParameter(f"bnb_4bit_compute_dtype must be one of {', '.join(DTYPES[1:])}, got {compute!r}")
+        config = _typed_fields(self.quantization_config or {})
+        quantize = _method(self.quantize, config)
+        _check_fields_fit_method(quantize, config)
         if self.dtype not in DTYPES:
             raise InvalidParameter(f"unknown dtype {self.dtype!r}", f"use one of {', '.join(DTYPES)}")
         if not isinstance(self.trust_remote_code, bool):
@@ -108,3 +93,79 @@ class ModelSpec:
         if unknown:
             raise InvalidParameter(f"unknown model field(s) {', '.join(sorted(unknown))}", f"use {', '.join(sorted(known))}")
         return cls(**{k: v for k, v in values.items() if v is not None})
+
+
+def _typed_fields(raw: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise InvalidParameter(f"quantization_config must be a mapping of fields, got {raw!r}")
+    config = dict(raw)
+    for key, value in config.items():
+        if key not in QUANTIZATION_FIELDS:
+            raise InvalidParameter(
+                f"unknown quantization_config field {key!r}", f"use one of {', '.join(QUANTIZATION_FIELDS)}"
+            )
+        expected = QUANTIZATION_FIELDS[key]
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = config[key] = float(value)
+        if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+            raise InvalidParameter(f"quantization_config.{key} must be {expected.__name__}, got {value!r}")
+    return config
+
+
+def _method(quantize: Any, config: Mapping[str, Any]) -> str:
+    """The quantization method `quantize` names, or the one the config fields imply when it says none."""
+    if quantize is None:
+        quantize = "none"
+    if isinstance(quantize, bool):
+        quantize = "nf4" if quantize else "none"
+    method = str(quantize).lower()
+    if method == "auto":
+        method = "none"
+    if method == "none":
+        if config.get("load_in_8bit"):
+            method = "int8"
+        elif config.get("load_in_4bit"):
+            method = config.get("bnb_4bit_quant_type", "nf4")
+        elif any(key in GPTQ_FIELDS for key in config):
+            method = "gptq"
+    if method not in QUANTIZE_METHODS:
+        raise InvalidParameter(f"unknown quantization {quantize!r}", f"use one of {', '.join(QUANTIZE_METHODS)}")
+    if method in ("nf4", "fp4"):
+        method = config.get("bnb_4bit_quant_type", method)
+        if method not in ("nf4", "fp4"):
+            raise InvalidParameter(f"bnb_4bit_quant_type must be nf4 or fp4, got {method!r}")
+    return method
+
+
+def _check_fields_fit_method(method: str, config: Mapping[str, Any]) -> None:
+    bnb = sorted(key for key in config if key in BNB_FIELDS)
+    gptq = sorted(key for key in config if key in GPTQ_FIELDS)
+    misplaced = gptq if method in BNB_METHODS else bnb if method == "gptq" else bnb + gptq if method == "awq" else []
+    if misplaced:
+        raise InvalidParameter(
+            f"quantization_config field(s) {', '.join(misplaced)} do not apply to quantize={method}",
+            "bitsandbytes fields go with nf4, fp4 or int8; bits, group_size, dataset, text_column, samples and "
+            "damp_percent with gptq; awq checkpoints take none",
+        )
+    if method == "int8" and config.get("load_in_4bit") or method in ("nf4", "fp4") and config.get("load_in_8bit"):
+        raise InvalidParameter(f"quantization_config contradicts quantize={method}", "set only one of 4-bit and 8-bit")
+    compute = config.get("bnb_4bit_compute_dtype")
+    if compute is not None and compute not in DTYPES[1:]:
+        raise InvalidParameter(f"bnb_4bit_compute_dtype must be one of {', '.join(DTYPES[1:])}, got {compute!r}")
+    if method == "gptq":
+        _check_gptq_fields(config)
+
+
+def _check_gptq_fields(config: Mapping[str, Any]) -> None:
+    if config.get("bits", 4) not in GPTQ_BITS:
+        raise InvalidParameter(f"GPTQ bits must be one of {', '.join(map(str, GPTQ_BITS))}, got {config['bits']}")
+    group_size = config.get("group_size", 128)
+    if group_size != -1 and (group_size < 1 or group_size & (group_size - 1)):
+        raise InvalidParameter(
+            f"GPTQ group_size must be a power of two or -1 (one scale per output row), got {group_size}",
+            "use 128, 64 or 32",
+        )
+    if config.get("samples", 1) < 1:
+        raise InvalidParameter(f"GPTQ samples must be >= 1, got {config['samples']}")
+    if not 0 < config.get("damp_percent", 0.01) < 1:
+        raise InvalidParameter(f"GPTQ damp_percent must be in (0, 1), got {config['damp_percent']}", "use 0.01")

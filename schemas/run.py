@@ -105,6 +105,25 @@ class RunSpec:
         """A row's seed depends only on the run's base seed and the row's input position."""
         return (self.base_seed * 1_000_003 + row_index * 7_919) % (2**63 - 1)
 
+    def difference(self, other: "RunSpec") -> str | None:
+        """The first setting that would make `other` produce different results than this run, or None."""
+        checks = {
+            "input": (self.input, other.input),
+            "model": (self.model.model, other.model.model),
+            "quantization": ((self.model.quantize, dict(self.model.quantization_config)), (other.model.quantize, dict(other.model.quantization_config))),
+            "generation parameters": (_params_without_seed(self), _params_without_seed(other)),
+            "seed": (self.params.seed, other.params.seed),
+            "column mapping": (self.columns, other.columns),
+            "shard size": (self.shard_size, other.shard_size),
+            "split or limit": ((self.split, self.limit), (other.split, other.limit)),
+            "prompt settings": ((self.chat_template, self.max_prompt_tokens), (other.chat_template, other.max_prompt_tokens)),
+        }
+        for name, (mine, theirs) in checks.items():
+            if mine != theirs:
+                verbose = name not in ("column mapping", "generation parameters")
+                return f"{name} ({mine} then {theirs})" if verbose else name
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["columns"]["keep_columns"] = list(self.columns.keep_columns)
@@ -126,6 +145,12 @@ class RunSpec:
     @classmethod
     def from_json(cls, text: str) -> "RunSpec":
         return cls.from_dict(json.loads(text))
+
+
+def _params_without_seed(spec: RunSpec) -> dict[str, Any]:
+    params = spec.params.to_dict()
+    params.pop("seed")
+    return params
 
 
 def new_run_id() -> str:

@@ -98,3 +98,11 @@ def test_shard_message_round_trip_and_rejection_of_foreign_payloads():
                     {"run_id": "r", "shard_index": 0}, {"run_id": "r", "shard_index": 0, "rows": [], "cmd": "rm"}]:
         with pytest.raises(MessageError):
             ShardMessage.from_dict(payload)
+
+
+def test_run_difference_names_what_would_change_the_results():
+    base = RunSpec(input="x.jsonl", params=SamplingParams(temperature=0.7))
+    assert base.difference(RunSpec(input="x.jsonl", params=SamplingParams(temperature=0.7))) is None
+    assert base.difference(RunSpec(input="x.jsonl", params=SamplingParams(temperature=0.2))) == "generation parameters"
+    assert base.difference(RunSpec(input="x.jsonl", model=ModelSpec(quantize="nf4"), params=base.params)).startswith("quantization")
+    assert base.difference(RunSpec(input="y.jsonl", params=base.params)) == "input (x.jsonl then y.jsonl)"
