@@ -463,6 +463,17 @@ def collect(run_id: str, output: str, work_dir: str | None, allow_partial: bool,
         )
 
 
+def _register_benchmarks() -> None:
+    from .bench import bench
+    from .bench_queue import bench_queue
+
+    cli.add_command(bench)
+    cli.add_command(bench_queue)
+
+
+_register_benchmarks()
+
+
 def main() -> None:
     cli(prog_name="shardgen")
 

@@ -31,6 +31,7 @@ class RunSummary:
     prompt_tokens: int
     generated_tokens: int
     seconds: float
+    load_seconds: float
     peak_memory_bytes: int
     resumed_shards: int
 
@@ -94,6 +95,7 @@ def run_embedded(
         prompt_tokens=totals["prompt_tokens"],
         generated_tokens=totals["generated_tokens"],
         seconds=seconds,
+        load_seconds=loaded.load_time_s,
         peak_memory_bytes=peak_memory_bytes(loaded.device),
         resumed_shards=totals["resumed"],
     )

@@ -1,0 +1,152 @@
+"""`shardgen bench-queue`: what the queue costs. The same job through `run` (embedded) and through
+`submit` + one `shardgen worker`, in one command; prints tokens/s of each and their ratio."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from shardgen.schemas.model import ModelSpec
+from shardgen.schemas.run import RunSpec
+from shardgen.schemas.sampling import SamplingParams
+
+from .bench import ASKS, CONTEXT, TOPICS
+from .display import rows_table
+
+console = Console(stderr=True)
+
+
+def write_prompts(path: Path, count: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as handle:
+        for i in range(count):
+            topic, other = rng.sample(TOPICS, 2)
+            question = rng.choice(ASKS).format(t=topic, u=other)
+            context = " ".join(rng.sample(CONTEXT, rng.randint(0, 3)))
+            handle.write(json.dumps({"prompt": f"{context} {question}".strip()}) + "\n")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_private_redis(directory: Path) -> tuple[subprocess.Popen, str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise click.UsageError("no redis-server on PATH: install it or pass --broker URL")
+    port = free_port()
+    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(directory)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return process, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.05)
+    raise click.ClickException("the private redis-server did not start")
+
+
+def start_worker(model: str, device: str, batch_size: int, broker: str, log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "wb")
+    command = [sys.executable, "-m", "shardgen.producer.cli", "worker", "--model", model, "--device", device,
+               "--batch-size", str(batch_size), "--broker", broker]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while b" ready." not in log_path.read_bytes():
+        if process.poll() is not None or time.time() > deadline:
+            raise click.ClickException(f"the worker did not start:\n{log_path.read_text(errors='replace')[-2000:]}")
+        time.sleep(0.2)
+    return process
+
+
+def embedded_rate(spec: RunSpec, output: Path, device: str, batch_size: int) -> dict[str, Any]:
+    from .embedded import run_embedded
+
+    summary = run_embedded(spec, output, device=device, batch_size=batch_size, console=Console(stderr=True, quiet=True))
+    seconds = summary.seconds - summary.load_seconds
+    return {"mode": "embedded (run)", "rows": summary.rows, "tokens": summary.generated_tokens, "seconds": seconds}
+
+
+def distributed_rate(spec: RunSpec, work_dir: Path, broker: str) -> dict[str, Any]:
+    from shardgen.workers.run_store import RunStore
+
+    from .submit import submit_run
+
+    store = RunStore(broker)
+    started = time.time()
+    submit_run(spec, work_dir, store, broker, Console(stderr=True, quiet=True))
+    while not (record := store.record(spec.run_id, with_shards=False)).finished:
+        time.sleep(0.2)
+    seconds = (record.finished_at or time.time()) - started
+    if record.state != "done":
+        raise click.ClickException(f"the distributed run ended {record.state}")
+    return {"mode": "distributed (submit + 1 worker)", "rows": record.rows_done, "tokens": record.generated_tokens, "seconds": seconds}
+
+
+@click.command("bench-queue")
+@click.option("--model", default="smollm2-135m", show_default=True, help="Model alias, checkpoint directory or hub id.")
+@click.option("--device", default="cpu", show_default=True, help="Device of both modes.")
+@click.option("--rows", type=click.IntRange(min=1), default=96, show_default=True, help="Prompts in the job.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=32, show_default=True, help="Rows per shard.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Batch size of both modes.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="New tokens per prompt.")
+@click.option("--broker", help="Redis URL to use [default: start a private redis-server on a free port].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the prompts and of generation.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def bench_queue(model: str, device: str, rows: int, shard_size: int, batch_size: int, max_new_tokens: int,
+                broker: str | None, seed: int, as_json: bool) -> None:
+    """Run one greedy job embedded and through Redis + one worker; report tokens/s and the ratio.
+
+    The worker is started and loaded before the clock starts, and the embedded time excludes model
+    loading, so the ratio is what the queue (submit, messages, leases, Parquet, status) costs.
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    scratch = Path(tempfile.mkdtemp(prefix="shardgen-bench-queue-"))
+    redis_process = worker = None
+    try:
+        data = write_prompts(scratch / "prompts.jsonl", rows, seed)
+        params = SamplingParams(max_new_tokens=max_new_tokens, seed=seed)
+        make_spec = lambda: RunSpec(input=str(data), model=ModelSpec(model=model), params=params, shard_size=shard_size)  # noqa: E731
+        if broker is None:
+            redis_process, broker = start_private_redis(scratch)
+        console.print("starting one worker ...")
+        worker = start_worker(model, device, batch_size, broker, scratch / "worker.log")
+        console.print("distributed run ...")
+        distributed = distributed_rate(make_spec(), scratch / "work", broker)
+        console.print("embedded run ...")
+        embedded = embedded_rate(make_spec(), scratch / "embedded.parquet", device, batch_size)
+    finally:
+        for process in (worker, redis_process):
+            if process is not None:
+                process.terminate()
+                process.wait(30)
+        shutil.rmtree(scratch, ignore_errors=True)
+    results = [embedded, distributed]
+    for result in results:
+        result["tokens_per_s"] = result["tokens"] / result["seconds"] if result["seconds"] > 0 else 0.0
+        result["ratio_to_embedded"] = result["tokens_per_s"] / embedded["tokens_per_s"] if embedded["tokens_per_s"] else 0.0
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    Console().print(rows_table(
+        f"queue overhead: {rows} rows, shards of {shard_size}, batch {batch_size}, {max_new_tokens} new tokens, {device}",
+        ["mode", "rows", "tokens", "seconds", "tokens/s", "ratio"],
+        [(r["mode"], r["rows"], r["tokens"], f"{r['seconds']:.1f}", f"{r['tokens_per_s']:.1f}", f"{r['ratio_to_embedded']:.2f}x") for r in results],
+    ))
