@@ -357,7 +357,12 @@ def bench(model, quantize, device, batch_size, prompt_count, max_new_tokens, wor
     if "engine-no-kv" in chosen:
         recompute = Engine(loaded, batch_size=batch_size, use_kv_cache=False)
         runners["engine-no-kv"] = lambda w: run_engine(recompute, w)
-    results = [measure(name, w, loaded.device, lambda: run(w)) for w in workloads for name, run in runners.items()]
+    results = []
+    for w in workloads:
+        for name, run in runners.items():
+            results.append(measure(name, w, loaded.device, lambda: run(w)))
+            done = results[-1]
+            click.echo(f"{w.name}/{name}: {done.note or f'{done.useful_tokens} tokens in {done.seconds:.1f}s'}", err=True)
     add_ratios(results)
     config = dict(model=model, quantize=quantize, device=loaded.device, batch_size=batch_size, prompts=prompt_count,
                   max_new_tokens=max_new_tokens, seed=seed, compile=compile_)

@@ -1,0 +1,39 @@
+import json
+
+from click.testing import CliRunner
+
+from shardgen.producer.bench import bench, equal_prompts, ragged_prompts
+from tests.engine_fixtures import tiny_loaded, tiny_model_dir  # noqa: F401
+
+
+def test_bench_json_structure_and_ratios_against_hf(tiny_model_dir):
+    args = ["--model", str(tiny_model_dir), "--device", "cpu", "--prompts", "5", "--batch-size", "2",
+            "--max-new-tokens", "4", "--generators", "engine,hf-generate", "--no-kv-cache", "--json"]
+    result = CliRunner().invoke(bench, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["config"]["batch_size"] == 2
+    rows = {(r["workload"], r["generator"]): r for r in report["results"]}
+    assert set(rows) == {(w, g) for w in ("ragged", "equal") for g in ("engine", "hf-generate", "engine-no-kv")}
+    for (workload, _), row in rows.items():
+        baseline = rows[(workload, "hf-generate")]
+        assert row["ratio_vs_hf"] == row["tokens_per_s"] / baseline["tokens_per_s"]
+        assert row["useful_tokens"] > 0 and row["ttft_p50_s"] <= row["ttft_p95_s"]
+        assert 0 <= row["padding_waste"] < 1 and row["peak_memory_mb"] is not None
+    assert rows[("equal", "engine")]["useful_tokens"] == 5 * 4  # EOS ignored: every prompt gets the full length
+    assert rows[("ragged", "engine")]["padding_waste"] == 0
+    assert rows[("ragged", "engine-no-kv")]["padding_waste"] > rows[("ragged", "engine")]["padding_waste"]
+
+
+def test_bench_refuses_unknown_generator(tiny_model_dir):
+    result = CliRunner().invoke(bench, ["--model", str(tiny_model_dir), "--generators", "engine,vllm"])
+    assert result.exit_code != 0 and "unknown generator" in result.output
+
+
+def test_prompt_sets_are_deterministic_and_shaped(tiny_loaded):
+    tokenizer = tiny_loaded.tokenizer
+    ragged = ragged_prompts(tokenizer, 40, seed=1)
+    assert ragged == ragged_prompts(tokenizer, 40, seed=1) != ragged_prompts(tokenizer, 40, seed=2)
+    assert max(map(len, ragged)) > 2 * min(map(len, ragged))
+    equal = equal_prompts(tokenizer, 10, 64)
+    assert {len(p) for p in equal} == {64} and len({tuple(p) for p in equal}) == 10
