@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -15,13 +12,13 @@ import click
 from rich.console import Console
 from rich.live import Live
 
-from shardgen.schemas.errors import BrokerError, InvalidParameter, ShardgenError
+from shardgen.schemas.errors import BrokerError, ShardgenError
 from shardgen.schemas.model import DTYPES, QUANTIZE_METHODS
 from shardgen.workers.redis_conn import BROKER_ENV, DEFAULT_BROKER_URL
 
 from . import config as config_mod
+from .command_support import console, one_line_errors, quiet_libraries
 
-console = Console(stderr=True)
 out = Console()
 
 
@@ -47,7 +44,17 @@ hf_token_option = click.option(
 
 model_options = _options(
     click.option("--model", help="Model: alias (smollm2-135m, the default), checkpoint directory, or hub id."),
-    click.option("--quantize", type=click.Choice(QUANTIZE_METHODS), help="bitsandbytes quantization [default: none]."),
+    click.option(
+        "--quantize",
+        type=click.Choice(QUANTIZE_METHODS),
+        help="nf4, fp4, int8: bitsandbytes at load; gptq, awq: a checkpoint quantized that way; "
+        "none: load the checkpoint as it is [default: none].",
+    ),
+    click.option(
+        "--quantization-config",
+        help='Quantization fields as JSON, e.g. \'{"load_in_4bit": true, "bnb_4bit_use_double_quant": true}\' '
+        'or \'{"bits": 4, "dataset": "calib.jsonl"}\' (or a [quantization_config] table in --config).',
+    ),
     click.option("--dtype", type=click.Choice(DTYPES), help="Weights dtype [default: auto: float32 on CPU, bfloat16 on CUDA]."),
     click.option("--revision", help="Hub revision (branch, tag or commit) of the model."),
     click.option("--trust-remote-code", is_flag=True, default=None, help="Allow the model's own Python code to run (off unless given)."),
@@ -105,36 +112,6 @@ def _collect_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     return config_mod.merge(file_options, flags)
 
 
-def _handle_errors(func: Callable) -> Callable:
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except ShardgenError as exc:
-            line = exc.line()
-            if exc.hint is None and isinstance(exc, InvalidParameter):
-                line += f": fix the value (see `shardgen {click.get_current_context().info_name} --help`)"
-            console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted")
-            sys.exit(130)
-
-    return wrapper
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except ImportError:
-        pass
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="shardgen")
 def cli() -> None:
@@ -162,14 +139,14 @@ def cli() -> None:
 @click.option("--compile", is_flag=True, default=None, help="torch.compile the decode step where it helps.")
 @click.option("--show", type=int, default=5, show_default=True, help="Result rows to show in the closing table (0: none).")
 @config_option
-@_handle_errors
+@one_line_errors
 def run(show: int, **kwargs: Any) -> None:
     """Generate for every row of INPUT in this process (no Redis, no workers) and write OUTPUT.
 
     INPUT is a .jsonl/.json/.csv/.parquet file, a save_to_disk directory or a hub dataset name.
     An interrupted run resumes from OUTPUT.parts when started again with the same settings.
     """
-    _quiet_libraries()
+    quiet_libraries()
     from .embedded import run_embedded
 
     options = _collect_options(kwargs)
@@ -245,14 +222,14 @@ def _positive(value: Any, name: str) -> int:
 @click.option("--resume", "resume_id", metavar="RUN_ID", help="Redo only the shards of RUN_ID without a complete result (same settings required).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON instead of the run id.")
 @config_option
-@_handle_errors
+@one_line_errors
 def submit(as_json: bool, resume_id: str | None, **kwargs: Any) -> None:
     """Shard INPUT into generation jobs on Redis for `shardgen worker` processes; print the run id.
 
     Shards carry their rows in the message, so workers need no access to INPUT; they do need to write
     to --work-dir (a shared filesystem).
     """
-    _quiet_libraries()
+    quiet_libraries()
     from shardgen.workers.redis_conn import broker_url
     from shardgen.workers.run_store import RunStore
 
@@ -294,7 +271,7 @@ def _resume(store: Any, url: str, run_id: str, spec: Any, work_dir: Path) -> Any
 @cli.command()
 @click.argument("run_id")
 @broker_option
-@_handle_errors
+@one_line_errors
 def retry(run_id: str, broker: str | None) -> None:
     """Queue RUN_ID's failed, cancelled, lost and missing shards again (rows come from Redis)."""
     from shardgen.workers.redis_conn import broker_url
@@ -316,7 +293,7 @@ def retry(run_id: str, broker: str | None) -> None:
 @cli.command()
 @click.argument("run_id")
 @broker_option
-@_handle_errors
+@one_line_errors
 def cancel(run_id: str, broker: str | None) -> None:
     """Stop RUN_ID: queued shards are dropped, running ones stop at their next step. `retry` resumes it."""
     from shardgen.workers.redis_conn import broker_url
@@ -338,14 +315,14 @@ def cancel(run_id: str, broker: str | None) -> None:
 @click.option("--loglevel", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @click.option("--name", "node_name", help="Worker node name [default: shardgen-MODEL-DEVICE@HOST].")
 @config_option
-@_handle_errors
+@one_line_errors
 def worker(loglevel: str, node_name: str | None, **kwargs: Any) -> None:
     """Serve one model on one device: load it once, then process shards from its queue until stopped.
 
     Start one per GPU (`--device cuda:0`, `cuda:1`, ...) on any host that reaches the broker.
     Runs only reach workers started with the same --model and --quantize.
     """
-    _quiet_libraries()
+    quiet_libraries()
     from shardgen.schemas.model import ModelSpec
     from shardgen.workers.worker_main import start_worker
 
@@ -371,7 +348,7 @@ def worker(loglevel: str, node_name: str | None, **kwargs: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable record (state, rows_total, rows_done, ...).")
 @click.option("--watch", is_flag=True, help="Refresh until the run ends.")
 @click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds between refreshes with --watch.")
-@_handle_errors
+@one_line_errors
 def status(run_id: str | None, broker: str | None, as_json: bool, watch: bool, interval: float) -> None:
     """Show a run's shards (queued/running/done/failed), rows, tokens/s, ETA and workers.
 
@@ -423,7 +400,7 @@ def status(run_id: str | None, broker: str | None, as_json: bool, watch: bool, i
 @click.option("--work-dir", type=click.Path(file_okay=False), help="Work directory of the run [default: the one recorded at submit].")
 @click.option("--allow-partial", is_flag=True, help="Write what is there even if rows are missing or failed (exit 0).")
 @broker_option
-@_handle_errors
+@one_line_errors
 def collect(run_id: str, output: str, work_dir: str | None, allow_partial: bool, broker: str | None) -> None:
     """Merge RUN_ID's result shards into one file in input order, checking every row appears once.
 
@@ -463,15 +440,17 @@ def collect(run_id: str, output: str, work_dir: str | None, allow_partial: bool,
         )
 
 
-def _register_benchmarks() -> None:
+def _register_more_commands() -> None:
     from .bench import bench
+    from .bench_quant import bench_quant
     from .bench_queue import bench_queue
+    from .quantize import quantize
 
-    cli.add_command(bench)
-    cli.add_command(bench_queue)
+    for command in (bench, bench_quant, bench_queue, quantize):
+        cli.add_command(command)
 
 
-_register_benchmarks()
+_register_more_commands()
 
 
 def main() -> None:

@@ -102,6 +102,20 @@ def tiny_loaded(tiny_model_dir: Path):
     return load_model(ModelSpec(model=str(tiny_model_dir)), "cpu")
 
 
+@pytest.fixture(scope="session")
+def real_loaded():
+    """The real default model, loaded once per session."""
+    from shardgen.schemas.model import ModelSpec
+    from shardgen.workers.model_loader import load_model
+
+    return load_model(ModelSpec(), "cpu")
+
+
+def chat_ids(tokenizer, question: str) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     with open(path, "w", encoding="utf-8") as handle:
         for row in rows:

@@ -2,7 +2,6 @@ import pytest
 
 from shardgen.schemas.errors import InvalidParameter
 from shardgen.workers.generation import FINISH_LENGTH
-from tests.engine_fixtures import tiny_model_dir  # noqa: F401
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ import json
 from click.testing import CliRunner
 
 from shardgen.producer.bench import bench, equal_prompts, ragged_prompts
-from tests.engine_fixtures import tiny_loaded, tiny_model_dir  # noqa: F401
 
 
 def test_bench_json_structure_and_ratios_against_hf(tiny_model_dir):

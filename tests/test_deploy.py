@@ -4,7 +4,6 @@ import configparser
 import shlex
 import subprocess
 import time
-from pathlib import Path
 
 import click
 import redis

@@ -6,7 +6,7 @@ from shardgen.schemas.sampling import SamplingParams
 from shardgen.workers.engine import PATH_BEAM_SEARCH, PATH_ENGINE, Engine, GenerationCancelled
 from shardgen.workers.generation import FINISH_LENGTH, FINISH_STOP, GenerationRequest
 from shardgen.workers.hf_generate import HFGenerate
-from tests.engine_fixtures import chat_ids, real_loaded, tiny_loaded, tiny_model_dir  # noqa: F401
+from tests.conftest import chat_ids
 
 QUESTIONS = [
     "What is the capital of France?",

@@ -1,7 +1,6 @@
 """Workers die, Redis restarts, shards fail, users cancel: nothing is lost, nothing is doubled."""
 
 import json
-import os
 import random
 import signal
 import time
@@ -79,7 +78,7 @@ def test_a_killed_workers_shard_is_taken_over_within_the_lease(tmp_path, redis_u
         time.sleep(0.2)
     doomed.kill(signal.SIGKILL)
     killed_at = time.time()
-    rescuer = start_worker(model, redis_url, "--batch-size", "16")
+    start_worker(model, redis_url, "--batch-size", "16")
     status = wait_for_end(run_id, redis_url, timeout=240)
     assert status["state"] == "done" and status["reassigned"] == 1
     assert time.time() - killed_at < 120
@@ -118,7 +117,7 @@ def test_failed_shards_are_retried_with_backoff_then_marked_failed_and_retry_rec
         item.unlink()
     blocker.rmdir()
     blocker.write_text("a file where the run directory should be")  # every write of a result now fails
-    worker = start_worker(model, redis_url)
+    start_worker(model, redis_url)
     status = wait_for_end(run_id, redis_url, timeout=120)
     assert status["state"] == "failed" and status["shards_failed"] == 2 and status["retries"] == 2
     assert all(f["attempts"] == 2 and "Error" in f["error"] for f in status["failed_shards"])
@@ -141,7 +140,7 @@ def test_cancel_stops_the_run_and_retry_finishes_it(tmp_path, redis_url, tiny_mo
     model = str(tiny_model_dir)
     data = write_jsonl(tmp_path / "q.jsonl", make_rows(64))
     run_id = submit(data, tmp_path / "work", redis_url, model, "--shard-size", "8", "--max-new-tokens", "64")
-    worker = start_worker(model, redis_url)
+    start_worker(model, redis_url)
     deadline = time.time() + 120
     while status_of(run_id, redis_url)["shards_done"] < 1:
         assert time.time() < deadline
@@ -165,7 +164,7 @@ def test_resume_redoes_only_missing_shards_and_refuses_different_settings(tmp_pa
     work = tmp_path / "work"
     common = ["--shard-size", "8", "--max-new-tokens", "4"]
     run_id = submit(data, work, redis_url, model, *common)
-    worker = start_worker(model, redis_url)
+    start_worker(model, redis_url)
     assert wait_for_end(run_id, redis_url)["state"] == "done"
     kept = work / run_id / "part-00000.parquet"
     kept_bytes = kept.read_bytes()

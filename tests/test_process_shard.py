@@ -99,6 +99,6 @@ def test_n_samples_are_stored_as_lists(tmp_path, spec, tiny_loaded):
     from dataclasses import replace
 
     spec = replace(spec, params=SamplingParams(max_new_tokens=4, temperature=1.0, n=3))
-    outcome = process_shard(Shard(spec.run_id, 0, rows("a")), spec, tiny_loaded, make_generator(tiny_loaded, 4), tmp_path)
+    process_shard(Shard(spec.run_id, 0, rows("a")), spec, tiny_loaded, make_generator(tiny_loaded, 4), tmp_path)
     row = pq.read_table(shard_path(tmp_path, 0)).to_pylist()[0]
     assert len(row["generation"]) == 3 and len(row["finish_reason"]) == 3 and row["generated_tokens"] == 12

