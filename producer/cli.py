@@ -196,11 +196,22 @@ def _show_results(path: Path, output_column: str, limit: int) -> None:
     else:
         with open(path, encoding="utf-8") as handle:
             table = [json.loads(line) for _, line in zip(range(limit), handle)]
+    with_truth = any(r.get("ground_truth") is not None for r in table)
+    columns = ["id", output_column, *(["ground truth"] if with_truth else []), "finish", "tokens"]
     out.print(
         rows_table(
             f"first {len(table)} results",
-            ["id", output_column, "finish", "tokens"],
-            [(r["id"], r[output_column] if r.get("error") is None else f"error: {r['error']}", r["finish_reason"], r["generated_tokens"]) for r in table],
+            columns,
+            [
+                (
+                    r["id"],
+                    r[output_column] if r.get("error") is None else f"error: {r['error']}",
+                    *([r.get("ground_truth")] if with_truth else []),
+                    r["finish_reason"],
+                    r["generated_tokens"],
+                )
+                for r in table
+            ],
         )
     )
 
