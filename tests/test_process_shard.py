@@ -102,3 +102,43 @@ def test_n_samples_are_stored_as_lists(tmp_path, spec, tiny_loaded):
     process_shard(Shard(spec.run_id, 0, rows("a")), spec, tiny_loaded, make_generator(tiny_loaded, 4), tmp_path)
     row = pq.read_table(shard_path(tmp_path, 0)).to_pylist()[0]
     assert len(row["generation"]) == 3 and len(row["finish_reason"]) == 3 and row["generated_tokens"] == 12
+
+
+class RunsOutOfMemoryAboveTwo:
+    """The real engine, but a batch larger than two 'runs out of memory' after finishing one row."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.name = engine.name
+        self.calls = []
+
+    @property
+    def batch_size(self):
+        return self.engine.batch_size
+
+    @batch_size.setter
+    def batch_size(self, value):
+        self.engine.batch_size = value
+
+    def generate(self, requests, params, *, on_output=None, should_stop=None):
+        from shardgen.workers.generation import EngineOOM
+
+        self.calls.append((self.batch_size, len(requests)))
+        if self.batch_size > 2 and len(requests) > 1:
+            first = self.engine.generate(requests[:1], params)
+            on_output(0, first[0])
+            raise EngineOOM(f"out of memory at batch size {self.batch_size}")
+        return self.engine.generate(requests, params, on_output=on_output)
+
+
+def test_out_of_memory_halves_the_batch_and_loses_no_row(tmp_path, spec, tiny_loaded):
+    generator = RunsOutOfMemoryAboveTwo(make_generator(tiny_loaded, batch_size=16))
+    seen = []
+    outcome = process_shard(Shard(spec.run_id, 0, rows("a", "b", "c", "d", "e")), spec, tiny_loaded, generator, tmp_path,
+                            on_row=seen.append)
+    assert outcome.batch_halvings == 3 and generator.batch_size == 2
+    assert [size for size, _ in generator.calls] == [16, 8, 4, 2]
+    assert [count for _, count in generator.calls] == [5, 4, 3, 2]  # each retry redoes only unfinished rows
+    data = pq.read_table(outcome.path).to_pylist()
+    assert [r["row_index"] for r in data] == [0, 1, 2, 3, 4] and all(r["error"] is None for r in data)
+    assert len(seen) == 5
