@@ -60,12 +60,11 @@ def run_embedded(
     resolve_columns(spec.columns, list(dataset.column_names))  # a column error stops us before the model loads
     rows_total = len(dataset)
     shards_total = shard_count(rows_total, spec.shard_size)
+    started = time.perf_counter()
+    loaded = load_model(spec.model, device, hf_token)
     parts = parts_dir_for(output)
     spec = _resume_or_start(spec, parts, rows_total, shards_total, console)
     run_dir = parts / spec.run_id
-
-    started = time.perf_counter()
-    loaded = load_model(spec.model, device, hf_token)
     if loaded.info.get("note"):
         console.print(f"[yellow]{loaded.info['note']}")
     generator = make_generator(loaded, batch_size, compile=compile)

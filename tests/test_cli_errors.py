@@ -56,6 +56,14 @@ def test_unknown_run_id(redis_url):
     assert_one_clear_line(run_cli("collect", "../../etc", "-o", "x.parquet", "--broker", redis_url), "invalid run id")
 
 
+def test_unreachable_hub_fails_fast_and_leaves_nothing(tmp_path, data):
+    result = run_cli("run", str(data), "-o", str(tmp_path / "o.parquet"), "--model", "some-org/no-such-model",
+                     env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_secret_token"}, timeout=60)
+    assert_one_clear_line(result, "cannot reach the Hugging Face hub for model some-org/no-such-model", "--model")
+    assert "hf_secret_token" not in result.stderr + result.stdout
+    assert list(tmp_path.iterdir()) == [data]
+
+
 def test_unknown_model_and_bad_output_name(tmp_path, data):
     assert_one_clear_line(run_cli("run", str(data), "-o", str(tmp_path / "o.parquet"), "--model", "./no/such/dir"), "no/such/dir")
     assert_one_clear_line(run_cli("run", str(data), "-o", str(tmp_path / "o.txt")), ".parquet or .jsonl")

@@ -133,6 +133,8 @@ def load_model(spec: ModelSpec, device: str = "auto", hf_token: str | None = Non
         torch, spec.dtype
     )
     token = hf_token or os.environ.get("HF_TOKEN") or None
+    if not resolved.local:
+        check_hub_reachable(resolved.source, spec.revision, token)
     resolved, checkpoint_method = _quantized_source(spec, resolved, device, token)
     common: dict[str, Any] = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code, "token": token}
     started = time.perf_counter()
@@ -180,6 +182,33 @@ def _quantized_source(spec: ModelSpec, resolved: ResolvedModel, device: str, tok
     calibrated = quantization.calibrated_checkpoint(resolved.source, spec, device)
     log.warning("serving the GPTQ checkpoint of %s calibrated into %s", spec.model, calibrated)
     return ResolvedModel(str(calibrated), note=f"GPTQ checkpoint calibrated into {calibrated}"), "compressed-tensors"
+
+
+def check_hub_reachable(repo_id: str, revision: str | None, token: str | None) -> None:
+    """Fail in a second, with one line, when the hub cannot be reached or refuses us, unless the model is cached.
+
+    transformers would otherwise retry for over a minute before saying the same thing.
+    """
+    import huggingface_hub
+
+    try:
+        huggingface_hub.HfApi().model_info(repo_id, revision=revision, token=token, timeout=10)
+    except (huggingface_hub.errors.RepositoryNotFoundError, huggingface_hub.errors.GatedRepoError):
+        raise ModelError(
+            f"the hub has no model {repo_id} that this token may read",
+            "check the name, or pass a token with --hf-token / HF_TOKEN for a private or gated model",
+        ) from None
+    except huggingface_hub.errors.RevisionNotFoundError:
+        raise ModelError(f"model {repo_id} has no revision {revision}", "check --revision") from None
+    except Exception as exc:  # network errors come in several types (httpx, OSError)
+        if huggingface_hub.try_to_load_from_cache(repo_id, "config.json", revision=revision) is not None:
+            os.environ["HF_HUB_OFFLINE"] = "1"  # cached earlier: serve it without the network
+            return
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(
+            f"cannot reach the Hugging Face hub for model {repo_id} ({reason})",
+            "check the network, or pass a local checkpoint directory with --model",
+        ) from None
 
 
 def _load_error(name: str, resolved: ResolvedModel, exc: Exception) -> ModelError:
