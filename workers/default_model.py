@@ -12,7 +12,9 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from shardgen.schemas.errors import ModelError
 
@@ -70,10 +72,18 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
     plain.generation_config = loaded.generation_config
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with staged_directory(target) as staging:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+
+
+@contextmanager
+def staged_directory(target: Path) -> Iterator[Path]:
+    """A scratch directory beside `target` that becomes `target` only if the block completes: no half checkpoints."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield staging
         if target.exists():
             shutil.rmtree(target)
         os.rename(staging, target)

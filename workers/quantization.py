@@ -11,9 +11,6 @@ import fcntl
 import hashlib
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +19,7 @@ from typing import Any, Callable, Mapping
 from shardgen.schemas.errors import InputError, InvalidParameter, ModelError
 from shardgen.schemas.model import BNB_METHODS, GPTQ_FIELDS, ModelSpec
 
-from .default_model import cache_dir, convert_gguf
+from .default_model import cache_dir, convert_gguf, staged_directory
 
 CALIBRATION_MAX_TOKENS = 512
 DEFAULT_SAMPLES = 128
@@ -445,17 +442,10 @@ def _write_compressed_checkpoint(
                 module.weight_zero_point.zero_()
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
     compressor.compress_model(model)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    try:
+    with staged_directory(output) as staging:
         model.save_pretrained(staging)
         compressor.update_config(str(staging))
         tokenizer.save_pretrained(staging)
-        if output.exists():
-            shutil.rmtree(output)
-        os.rename(staging, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- GPTQ at load time (--quantize gptq + dataset)
