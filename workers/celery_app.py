@@ -17,8 +17,10 @@ app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
-    # shardgen's own leases bring a dead worker's shard back in seconds; Redis redelivery is the last resort.
-    broker_transport_options={"visibility_timeout": 12 * 3600},
+    # shardgen's leases bring a running shard of a dead worker back in seconds. Redelivery after the visibility
+    # timeout covers the one message a worker had fetched but not yet claimed; a redelivered copy of a shard that
+    # is still running finds its lease held and is dropped, so the timeout can be short.
+    broker_transport_options={"visibility_timeout": 600},
     broker_connection_retry_on_startup=True,
     broker_connection_max_retries=None,
     worker_hijack_root_logger=False,
