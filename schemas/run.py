@@ -102,8 +102,7 @@ class RunSpec:
             object.__setattr__(self, "base_seed", seed)
 
     def row_seed(self, row_index: int) -> int:
-        """A row's seed depends only on the run's base seed and the row's input position."""
-        return (self.base_seed * 1_000_003 + row_index * 7_919) % (2**63 - 1)
+        return row_seed(self.base_seed, row_index)
 
     def difference(self, other: "RunSpec") -> str | None:
         """The first setting that would make `other` produce different results than this run, or None."""
@@ -145,6 +144,11 @@ class RunSpec:
     @classmethod
     def from_json(cls, text: str) -> "RunSpec":
         return cls.from_dict(json.loads(text))
+
+
+def row_seed(base_seed: int, row_index: int) -> int:
+    """A row's seed depends only on the base seed and the row's input position (CLI, workers and API alike)."""
+    return (base_seed * 1_000_003 + row_index * 7_919) % (2**63 - 1)
 
 
 def _params_without_seed(spec: RunSpec) -> dict[str, Any]:

@@ -1,3 +1,4 @@
+import json
 import pytest
 
 from shardgen.schemas.errors import InvalidParameter
@@ -90,3 +91,21 @@ def test_real_model_knows_the_capital_of_france():
 
     llm = LLM(device="cpu", max_new_tokens=24)
     assert "Paris" in llm.chat([[{"role": "user", "content": "What is the capital of France?"}]])[0].text
+
+
+def test_api_and_cli_give_the_same_sampled_text_for_the_same_seed(tmp_path, tiny_model_dir):
+    from shardgen.producer.embedded import run_embedded
+    from shardgen.schemas.model import ModelSpec
+    from shardgen.schemas.run import RunSpec
+    from shardgen.schemas.sampling import SamplingParams
+    from shardgen.workers import LLM
+    from tests.conftest import write_jsonl
+
+    prompts = ["Tell me about rivers.", "And about stars?", "Bread, please."]
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in prompts])
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=8, seed=5)
+    spec = RunSpec(input=str(data), model=ModelSpec(model=str(tiny_model_dir)), params=params)
+    run_embedded(spec, tmp_path / "out.jsonl", device="cpu")
+    cli_texts = [json.loads(line)["generation"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    api_texts = [c.text for c in LLM(str(tiny_model_dir), device="cpu").generate(prompts, **params.to_dict())]
+    assert api_texts == cli_texts

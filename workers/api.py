@@ -15,6 +15,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from shardgen.schemas.errors import InvalidParameter
 from shardgen.schemas.model import ModelSpec
+from shardgen.schemas.run import row_seed
 from shardgen.schemas.sampling import SamplingParams
 from shardgen.schemas.shard import InputRow
 
@@ -158,7 +159,7 @@ class LLM:
             row = InputRow(index=index, id=str(index), messages=messages)
             text = render_text(tokenizer, conversation(row, self.system_prompt), self.chat_template)
             ids = tokenize_text(tokenizer, text, templated=self.chat_template).ids
-            requests.append(GenerationRequest(ids, seed=base_seed + index))
+            requests.append(GenerationRequest(ids, seed=row_seed(base_seed, index)))
         return requests
 
     def _decode(self, tokens: list[int]) -> str:
