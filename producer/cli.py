@@ -334,13 +334,11 @@ def worker(loglevel: str, node_name: str | None, **kwargs: Any) -> None:
     Runs only reach workers started with the same --model and --quantize.
     """
     quiet_libraries()
-    from shardgen.schemas.model import ModelSpec
     from shardgen.workers.worker_main import start_worker
 
     options = _collect_options(kwargs)
-    model_fields = {k: options[k] for k in ("model", "quantize", "quantization_config", "dtype", "revision", "trust_remote_code") if options.get(k) is not None}
     start_worker(
-        ModelSpec(**model_fields),
+        config_mod.build_model_spec(options),
         device=options.get("device") or "auto",
         batch_size=_positive(options.get("batch_size", 16), "batch_size"),
         broker=options.get("broker"),

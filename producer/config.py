@@ -104,21 +104,25 @@ def parse_quantization_config(value: str | Mapping[str, Any]) -> dict[str, Any]:
     return parsed
 
 
+def _given(options: Mapping[str, Any], names: set[str]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k in names and v is not None}
+
+
+def build_model_spec(options: Mapping[str, Any]) -> ModelSpec:
+    """The validated ModelSpec for merged options (run, submit and worker share it)."""
+    return ModelSpec(**_given(options, MODEL_FIELDS))
+
+
 def build_run_spec(options: Mapping[str, Any], **fixed: Any) -> RunSpec:
     """The validated RunSpec for merged options; every invalid value is refused here, before any work."""
-    pick = lambda names: {k: v for k, v in options.items() if k in names and v is not None}  # noqa: E731
     if "input" not in options or not options["input"]:
         raise InvalidParameter("no input given", "pass a dataset file, directory or hub name as INPUT")
-    quantize = options.get("quantize")
-    model_fields = pick(MODEL_FIELDS - {"quantize"})
-    if quantize is not None:
-        model_fields["quantize"] = quantize
-    run_fields = pick(RUN_FIELDS)
+    run_fields = _given(options, RUN_FIELDS)
     run_fields["input"] = str(run_fields["input"])
     return RunSpec(
-        columns=ColumnMapping(**pick(COLUMN_FIELDS)),
-        model=ModelSpec(**model_fields),
-        params=SamplingParams.from_mapping(pick(PARAM_FIELDS)),
+        columns=ColumnMapping(**_given(options, COLUMN_FIELDS)),
+        model=build_model_spec(options),
+        params=SamplingParams.from_mapping(_given(options, PARAM_FIELDS)),
         **run_fields,
         **fixed,
     )
