@@ -167,7 +167,6 @@ class Heartbeat:
         self.store, self.run_id, self.shard_index, self.worker = store, run_id, shard_index, worker
         self.interval_s = interval_s
         self.rows_done = 0
-        self.lease_lost = False
         self.cancelled = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="shardgen-heartbeat", daemon=True)
@@ -186,7 +185,8 @@ class Heartbeat:
         while not self._stop.wait(self.interval_s):
             try:
                 if not self.store.renew(self.run_id, self.shard_index, self.worker, self.rows_done):
-                    self.lease_lost = True
+                    # Another worker took the shard over; ours still finishes, and the first complete file wins.
+                    log.warning("shard %s of run %s: lease lost to another worker", self.shard_index, self.run_id)
                 if self.store.is_cancelled(self.run_id):
                     self.cancelled.set()
             except Exception as exc:  # noqa: BLE001 - Redis blips must not kill the shard
