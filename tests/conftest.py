@@ -103,6 +103,15 @@ def tiny_loaded(tiny_model_dir: Path):
 
 
 @pytest.fixture(scope="session")
+def tiny_reference(tiny_model_dir: Path):
+    """A second copy of the tiny model that no engine packs: what plain transformers computes."""
+    from shardgen.schemas.model import ModelSpec
+    from shardgen.workers.model_loader import load_model
+
+    return load_model(ModelSpec(model=str(tiny_model_dir)), "cpu")
+
+
+@pytest.fixture(scope="session")
 def real_loaded():
     """The real default model, loaded once per session."""
     from shardgen.schemas.model import ModelSpec

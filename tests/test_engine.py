@@ -36,11 +36,12 @@ def token_ids(outputs):
     return [[s.token_ids for s in o.samples] for o in outputs]
 
 
-def test_greedy_matches_hf_generate_one_prompt_at_a_time(tiny_loaded):
+def test_greedy_matches_hf_generate_one_prompt_at_a_time(tiny_loaded, tiny_reference):
     requests = requests_for(tiny_loaded.tokenizer, 10)
     params = SamplingParams(max_new_tokens=12)
     engine = Engine(tiny_loaded, batch_size=3)
-    assert token_ids(engine.generate(requests, params)) == token_ids(HFGenerate(tiny_loaded, 1).generate(requests, params))
+    expected = HFGenerate(tiny_reference, 1).generate(requests, params)
+    assert token_ids(engine.generate(requests, params)) == token_ids(expected)
     assert engine.last_path == PATH_ENGINE
 
 
@@ -129,11 +130,11 @@ def test_no_kv_cache_mode_gives_same_greedy_tokens(tiny_loaded):
     assert token_ids(cached) == token_ids(recomputed)
 
 
-def test_repetition_penalty_matches_hf_generate(tiny_loaded):
+def test_repetition_penalty_matches_hf_generate(tiny_loaded, tiny_reference):
     requests = requests_for(tiny_loaded.tokenizer, 3)
     params = SamplingParams(max_new_tokens=10, repetition_penalty=3.0)
     penalized = Engine(tiny_loaded, batch_size=2).generate(requests, params)
-    assert token_ids(penalized) == token_ids(HFGenerate(tiny_loaded, 1).generate(requests, params))
+    assert token_ids(penalized) == token_ids(HFGenerate(tiny_reference, 1).generate(requests, params))
     assert token_ids(penalized) != token_ids(Engine(tiny_loaded).generate(requests, params.replace(repetition_penalty=1.0)))
 
 
@@ -157,8 +158,13 @@ def test_should_stop_cancels_between_steps(tiny_loaded):
 
 @pytest.mark.real_model
 def test_real_model_greedy_matches_hf_generate_one_at_a_time(real_loaded):
+    from shardgen.schemas.model import ModelSpec
+    from shardgen.workers.model_loader import load_model
+
     requests = requests_for(real_loaded.tokenizer, 16)
     params = SamplingParams(max_new_tokens=24)
     engine = Engine(real_loaded, batch_size=8)
-    expected = HFGenerate(real_loaded, 1).generate(requests, params)
+    assert engine.packing.replaced > 0, "the engine runs the packed weights and its own decode step here"
+    plain = load_model(ModelSpec(), "cpu")  # the engine packed real_loaded's linears; the reference stays plain
+    expected = HFGenerate(plain, 1).generate(requests, params)
     assert token_ids(engine.generate(requests, params)) == token_ids(expected)

@@ -7,6 +7,8 @@ step, each at its own position behind its own attention mask. A finished sample 
 occupied slot moves into its row (occupied slots stay a prefix, so each step works on views, never copies),
 and the next waiting prompt fills the free rows before the next step.
 
+On the CPU the model's float32 linear layers are packed for oneDNN once (packed_linear), and llama-family models
+decode through the engine's own step (decode_step); other models decode through their own forward.
 Beam search goes through transformers' generate (HFGenerate); `last_path` names the path that ran.
 """
 
@@ -32,8 +34,10 @@ from .generation import (
     OnOutput,
     Sample,
 )
+from .decode_step import DecoderParts, decode_step, unsupported_reason
 from .hf_generate import HFGenerate
 from .model_loader import LoadedModel
+from .packed_linear import pack_linears
 from .sampling import derive_seed, next_tokens, row_generator
 from .stop import truncate_at_stop
 
@@ -158,7 +162,17 @@ class _Pending:
 class Engine:
     name = "engine"
 
-    def __init__(self, loaded: LoadedModel, *, batch_size: int = 16, compile: bool = False, use_kv_cache: bool = True):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        batch_size: int = 16,
+        compile: bool = False,
+        use_kv_cache: bool = True,
+        pack_weights: bool = True,
+    ):
+        """`pack_weights` packs the model's float32 linear layers for the CPU in place (see packed_linear): the
+        engine owns the model from then on, and anything else using it computes the same values through them."""
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -171,8 +185,12 @@ class Engine:
         self.computed_token_slots = 0
         """Token positions the model computed in the last call (prefill + decode rows), for the bench."""
         self._hf = HFGenerate(loaded, batch_size)
+        self.packing = pack_linears(self.model) if pack_weights and not compile else None
+        """What packing replaced and the memory it added (None when off: torch.compile cannot trace packed weights)."""
         self._cache_layout = self._probe_cache_layout()
-        self._decode_forward = torch.compile(self._forward, dynamic=True) if compile else self._forward
+        self._parts = DecoderParts.of(self.model) if unsupported_reason(self.model) is None else None
+        step = self._own_step if self._parts is not None else self._model_step
+        self._step = torch.compile(step, dynamic=True) if compile else step
 
     # ----------------------------------------------------------------- public API
 
@@ -346,21 +364,31 @@ class Engine:
         self.computed_token_slots += len(slots) if self.use_kv_cache else sum(s.position + 1 for s in slots)
         if not self.use_kv_cache:
             return self._recompute(slots)
-        last_tokens = torch.tensor([[s.tokens[-1]] for s in slots], device=self.device)  # [A, 1]
+        last_tokens = torch.tensor([s.tokens[-1] for s in slots], device=self.device)  # [A]
         positions = torch.tensor([s.position for s in slots], device=self.device)  # [A]
         used = int(max(s.position for s in slots)) + 1
+        return self._step(last_tokens, positions, used)
+
+    def _own_step(self, input_ids: torch.Tensor, positions: torch.Tensor, used: int) -> torch.Tensor:
+        # input_ids, positions: [A] -> logits [A, V]
+        return decode_step(self._parts, self.cache.keys, self.cache.values, input_ids, positions, used)
+
+    def _model_step(self, input_ids: torch.Tensor, positions: torch.Tensor, used: int) -> torch.Tensor:
+        """The same step through the model's own forward, for architectures decode_step does not cover."""
+        # input_ids, positions: [A] -> logits [A, V]
         # mask: [A, 1, 1, used], True where a key is at or before the slot's own position
         mask = (torch.arange(used, device=self.device) <= positions[:, None])[:, None, None, :]
-        return self._decode_forward(last_tokens, positions, mask, self.cache.step_view(positions, used))
-
-    def _forward(self, input_ids, positions, mask, past) -> torch.Tensor:
-        # input_ids: [A, 1]; positions: [A] -> logits [A, V]
+        past = self.cache.step_view(positions, used)
         config = self.model.config
         default_attention = config._attn_implementation
         config._attn_implementation = SLOT_ATTENTION
         try:
             out = self.model(
-                input_ids=input_ids, attention_mask=mask, position_ids=positions[:, None], past_key_values=past, use_cache=True
+                input_ids=input_ids[:, None],
+                attention_mask=mask,
+                position_ids=positions[:, None],
+                past_key_values=past,
+                use_cache=True,
             )
         finally:
             config._attn_implementation = default_attention

@@ -1,0 +1,93 @@
+"""The engine's fast path on the CPU: packed linear layers and its own decode step for llama-family models."""
+
+import pytest
+import torch
+
+from shardgen.workers.decode_step import DecoderParts, decode_step, unsupported_reason
+from shardgen.workers.engine import Engine, _Slot
+from shardgen.workers.packed_linear import PackedLinear, pack_linears
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [0, 1, 5, 16, 17, 40, 119])
+def test_packed_linear_computes_what_linear_computes(rows, bias):
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(48, 80, bias=bias)
+    packed = PackedLinear(linear, block_rows=16)
+    x = torch.randn(rows, 3, 48)  # any leading shape
+    with torch.no_grad():
+        assert packed(x).shape == (rows, 3, 80)
+        torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_linear_multiplies_at_most_block_rows_at_a_time(monkeypatch):
+    packed = PackedLinear(torch.nn.Linear(8, 4), block_rows=16)
+    seen = []
+    multiply = packed._multiply
+    monkeypatch.setattr(packed, "_multiply", lambda rows: seen.append(rows.shape[0]) or multiply(rows))
+    packed(torch.randn(40, 8))
+    assert seen == [16, 16, 8]
+
+
+def test_pack_linears_replaces_plain_float_linears_once_and_counts_a_tied_head():
+    model = torch.nn.Module()
+    model.embed = torch.nn.Embedding(50, 8)
+    model.proj = torch.nn.Linear(8, 8)
+    model.head = torch.nn.Linear(8, 50, bias=False)
+    model.head.weight = model.embed.weight  # tied, as in most small chat models
+
+    class QuantizedLinear(torch.nn.Linear):  # stands for bitsandbytes' Linear4bit and friends
+        pass
+
+    model.quantized = QuantizedLinear(8, 8)
+    packing = pack_linears(model)
+    assert packing.replaced == 2
+    assert packing.added_bytes == 50 * 8 * 4  # the head's packed copy; the embedding keeps its rows
+    assert isinstance(model.proj, PackedLinear) and isinstance(model.head, PackedLinear)
+    assert type(model.quantized) is QuantizedLinear
+    assert pack_linears(model).replaced == 0
+
+
+def test_pack_linears_leaves_a_half_precision_model_alone():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8)).to(torch.bfloat16)
+    assert pack_linears(model).replaced == 0
+    assert type(model[0]) is torch.nn.Linear
+
+
+def _engine_mid_generation(loaded, active):
+    """An engine whose cache holds random keys and values for `active` slots of different lengths."""
+    engine = Engine(loaded, batch_size=8)
+    engine._ensure_buffers(8, 64)
+    torch.manual_seed(0)
+    for tensor in engine.cache.keys + engine.cache.values:
+        tensor.normal_()
+    slots = [_Slot(0, i, list(range(10, 20 + 3 * i)), 16, None, tokens=[100 + i]) for i in range(active)]
+    return engine, slots
+
+
+def test_decode_step_gives_the_logits_and_cache_entries_of_the_models_own_forward(tiny_loaded):
+    assert unsupported_reason(tiny_loaded.model) is None
+    engine, slots = _engine_mid_generation(tiny_loaded, active=5)
+    input_ids = torch.tensor([s.tokens[-1] for s in slots])
+    positions = torch.tensor([s.position for s in slots])
+    used = int(positions.max()) + 1
+    with torch.inference_mode():
+        expected = engine._model_step(input_ids, positions, used)
+        expected_keys = [k[:5].clone() for k in engine.cache.keys]
+        for tensor in engine.cache.keys:
+            tensor[torch.arange(5), :, positions] = 0  # forget what the model's forward wrote; decode_step must write it again
+        logits = decode_step(DecoderParts.of(tiny_loaded.model), engine.cache.keys, engine.cache.values, input_ids, positions, used)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    for written, reference in zip(engine.cache.keys, expected_keys):
+        torch.testing.assert_close(written[:5], reference, rtol=1e-5, atol=1e-5)
+
+
+def test_models_the_decode_step_does_not_know_keep_the_generic_path(tiny_loaded):
+    model = tiny_loaded.model
+    original = model.config.model_type
+    try:
+        model.config.model_type = "gpt_neox"
+        assert "gpt_neox" in unsupported_reason(model)
+        assert Engine(tiny_loaded)._parts is None
+    finally:
+        model.config.model_type = original

@@ -1,0 +1,134 @@
+"""The engine's own decode step for llama-family decoders (Llama, Mistral, Qwen2), gpt-fast style.
+
+Through the model's forward, a batched decode step pays for mask building, cache objects, a general attention
+kernel for a handful of query rows and module plumbing around every layer. This step calls the same layer
+modules (plain, packed or quantized linears alike) and does the rest itself: new keys and values are written
+straight into the slot cache, and attention over the occupied slots is two batched matmuls in which the query
+heads sharing a key head are rows of one matrix. Other architectures keep the generic path through the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class DecoderParts:
+    """The modules and sizes a decode step needs, taken from a transformers *ForCausalLM."""
+
+    embed: torch.nn.Module
+    layers: torch.nn.ModuleList
+    norm: torch.nn.Module
+    lm_head: torch.nn.Module
+    rotary: torch.nn.Module  # (x, position_ids) -> cos, sin
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scaling: float
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "DecoderParts":
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(
+            embed=model.model.embed_tokens,
+            layers=model.model.layers,
+            norm=model.model.norm,
+            lm_head=model.get_output_embeddings(),
+            rotary=model.model.rotary_emb,
+            heads=config.num_attention_heads,
+            kv_heads=config.num_key_value_heads,
+            head_dim=head_dim,
+            scaling=head_dim**-0.5,
+        )
+
+
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why `decode_step` cannot run this model, or None if it can."""
+    config = model.config
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model type {config.model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r}"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention"
+    if getattr(config, "pretraining_tp", 1) != 1:
+        return "tensor-parallel pretraining layout (pretraining_tp > 1)"
+    return None
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding, as transformers' apply_rotary_pos_emb."""
+    # x: [A, heads, D]; cos, sin: [A, 1, D]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def grouped_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask_bias: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Attention of one new token per slot over that slot's cached keys."""
+    # query: [A, Hkv, G, D]; keys, values: [A, Hkv, T, D]; mask_bias: [A, 1, 1, T] (0 or -inf) -> [A, Hkv, G, D]
+    scores = torch.matmul(query, keys.transpose(-1, -2)) * scaling + mask_bias  # [A, Hkv, G, T]
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(values.dtype)
+    return torch.matmul(probs, values)
+
+
+def mask_bias(positions: torch.Tensor, used: int, dtype: torch.dtype) -> torch.Tensor:
+    """0 where a slot may attend (its own positions so far), -inf beyond."""
+    # positions: [A] -> [A, 1, 1, used]
+    beyond = torch.arange(used, device=positions.device) > positions[:, None]  # [A, used]
+    bias = torch.zeros(beyond.shape, dtype=dtype, device=positions.device)
+    return bias.masked_fill_(beyond, float("-inf"))[:, None, None, :]
+
+
+def cache_rows(positions: torch.Tensor, kv_heads: int, capacity: int) -> torch.Tensor:
+    """Row of each (slot, kv head)'s new entry in a layer's cache viewed as [slots * kv_heads * capacity, D]."""
+    # positions: [A] (slot i is row i) -> [A * kv_heads]
+    active = positions.shape[0]
+    slot_heads = torch.arange(active * kv_heads, device=positions.device).view(active, kv_heads)
+    return (slot_heads * capacity + positions[:, None]).flatten()
+
+
+def decode_step(
+    parts: DecoderParts,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    used: int,
+) -> torch.Tensor:
+    """Logits of the next token for the first A slots; their new keys and values are written into the cache."""
+    # keys[layer], values[layer]: [slots, Hkv, capacity, D]; input_ids, positions: [A] -> logits [A, V]
+    active = input_ids.shape[0]
+    heads, kv_heads, head_dim = parts.heads, parts.kv_heads, parts.head_dim
+    slots, _, capacity, _ = keys[0].shape
+    flat = (slots * kv_heads * capacity, head_dim)
+    hidden = parts.embed(input_ids)  # [A, hidden]
+    cos, sin = parts.rotary(hidden, positions[:, None])  # [A, 1, D]
+    rows = cache_rows(positions, kv_heads, capacity)
+    bias = mask_bias(positions, used, hidden.dtype)
+    for index, layer in enumerate(parts.layers):
+        attention, mlp = layer.self_attn, layer.mlp
+        normed = layer.input_layernorm(hidden)
+        query = rotate(attention.q_proj(normed).view(active, heads, head_dim), cos, sin)
+        key = rotate(attention.k_proj(normed).view(active, kv_heads, head_dim), cos, sin)
+        keys[index].view(flat).index_copy_(0, rows, key.reshape(-1, head_dim).to(keys[index].dtype))
+        values[index].view(flat).index_copy_(0, rows, attention.v_proj(normed).view(-1, head_dim).to(values[index].dtype))
+        attended = grouped_attention(
+            query.view(active, kv_heads, heads // kv_heads, head_dim),
+            keys[index][:active, :, :used],
+            values[index][:active, :, :used],
+            bias,
+            parts.scaling,
+        )  # [A, Hkv, G, D]
+        hidden = hidden + attention.o_proj(attended.reshape(active, heads * head_dim).to(hidden.dtype))
+        normed = layer.post_attention_layernorm(hidden)
+        hidden = hidden + mlp.down_proj(F.silu(mlp.gate_proj(normed)) * mlp.up_proj(normed))
+    return parts.lm_head(parts.norm(hidden))  # [A, V]
