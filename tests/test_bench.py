@@ -1,4 +1,5 @@
 import json
+import time
 
 from click.testing import CliRunner
 
@@ -31,8 +32,27 @@ def test_bench_refuses_unknown_generator(tiny_model_dir):
 
 def test_prompt_sets_are_deterministic_and_shaped(tiny_loaded):
     tokenizer = tiny_loaded.tokenizer
-    ragged = ragged_prompts(tokenizer, 40, seed=1)
-    assert ragged == ragged_prompts(tokenizer, 40, seed=1) != ragged_prompts(tokenizer, 40, seed=2)
-    assert max(map(len, ragged)) > 2 * min(map(len, ragged))
+    ragged = ragged_prompts(tokenizer, 128, seed=1)
+    assert ragged == ragged_prompts(tokenizer, 128, seed=1) != ragged_prompts(tokenizer, 128, seed=2)
+    lengths = sorted(map(len, ragged))
+    assert lengths[0] < 50 and lengths[-1] > 400  # a long tail, as real datasets have
+    assert 90 < sum(lengths) / len(lengths) < 150
     equal = equal_prompts(tokenizer, 10, 64)
     assert {len(p) for p in equal} == {64} and len({tuple(p) for p in equal}) == 10
+
+
+def test_peak_memory_counts_what_the_block_allocates_not_what_came_before():
+    import torch
+
+    from shardgen.producer.bench import PeakMemory
+
+    before = torch.ones(25_000_000)  # 100 MB held from before the block
+    with PeakMemory("cpu") as allocating:
+        block = torch.ones(50_000_000)  # 200 MB
+        time.sleep(0.05)
+        del block
+    with PeakMemory("cpu") as idle:
+        time.sleep(0.05)
+    del before
+    assert 190 <= allocating.peak_bytes / 2**20 < 260
+    assert idle.peak_bytes / 2**20 < 20
