@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from shardgen.workers.decode_step import DecoderParts, decode_step, unsupported_reason
+from shardgen.workers.decode_step import AttentionGroup, DecoderParts, attention_groups, decode_step, unsupported_reason
 from shardgen.workers.engine import Engine, _Slot
 from shardgen.workers.packed_linear import PackedLinear, pack_linears
 
@@ -70,14 +70,18 @@ def test_decode_step_gives_the_logits_and_cache_entries_of_the_models_own_forwar
     engine, slots = _engine_mid_generation(tiny_loaded, active=5)
     input_ids = torch.tensor([s.tokens[-1] for s in slots])
     positions = torch.tensor([s.position for s in slots])
-    used = int(positions.max()) + 1
+    everyone = [AttentionGroup(0, 5, int(positions.max()) + 1)]
     with torch.inference_mode():
-        expected = engine._model_step(input_ids, positions, used)
+        expected = engine._model_step(input_ids, positions, everyone)
         expected_keys = [k[:5].clone() for k in engine.cache.keys]
         for tensor in engine.cache.keys:
             tensor[torch.arange(5), :, positions] = 0  # forget what the model's forward wrote; decode_step must write it again
-        logits = decode_step(DecoderParts.of(tiny_loaded.model), engine.cache.keys, engine.cache.values, input_ids, positions, used)
+        parts = DecoderParts.of(tiny_loaded.model)
+        logits = decode_step(parts, engine.cache.keys, engine.cache.values, input_ids, positions, everyone)
+        split = [AttentionGroup(0, 2, 24), AttentionGroup(2, 3, 26), AttentionGroup(3, 5, 32)]
+        logits_split = decode_step(parts, engine.cache.keys, engine.cache.values, input_ids, positions, split)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits_split, expected, rtol=1e-4, atol=1e-4)
     for written, reference in zip(engine.cache.keys, expected_keys):
         torch.testing.assert_close(written[:5], reference, rtol=1e-5, atol=1e-5)
 
@@ -91,3 +95,15 @@ def test_models_the_decode_step_does_not_know_keep_the_generic_path(tiny_loaded)
         assert Engine(tiny_loaded)._parts is None
     finally:
         model.config.model_type = original
+
+
+def test_attention_groups_cover_the_slots_and_split_only_when_reading_less_pays():
+    assert attention_groups([150] * 16) == [AttentionGroup(0, 16, 151)]  # equal lengths: one call
+    mixed = [650, 600] + [150] * 14
+    groups = attention_groups(mixed)
+    assert [(g.start, g.stop, g.used) for g in groups] == [(0, 2, 651), (2, 16, 151)]
+    ragged = [5, 700, 12, 300, 40, 40, 41, 900]
+    groups = attention_groups(ragged)
+    assert groups[0].start == 0 and groups[-1].stop == len(ragged)
+    assert all(a.stop == b.start for a, b in zip(groups, groups[1:]))
+    assert all(g.used == max(ragged[g.start : g.stop]) + 1 for g in groups)

@@ -34,7 +34,7 @@ from .generation import (
     OnOutput,
     Sample,
 )
-from .decode_step import DecoderParts, decode_step, unsupported_reason
+from .decode_step import AttentionGroup, DecoderParts, attention_groups, decode_step, unsupported_reason
 from .hf_generate import HFGenerate
 from .model_loader import LoadedModel
 from .packed_linear import pack_linears
@@ -190,6 +190,7 @@ class Engine:
         self._cache_layout = self._probe_cache_layout()
         self._parts = DecoderParts.of(self.model) if unsupported_reason(self.model) is None else None
         step = self._own_step if self._parts is not None else self._model_step
+        self.compiled = compile
         self._step = torch.compile(step, dynamic=True) if compile else step
 
     # ----------------------------------------------------------------- public API
@@ -365,17 +366,21 @@ class Engine:
         if not self.use_kv_cache:
             return self._recompute(slots)
         last_tokens = torch.tensor([s.tokens[-1] for s in slots], device=self.device)  # [A]
-        positions = torch.tensor([s.position for s in slots], device=self.device)  # [A]
-        used = int(max(s.position for s in slots)) + 1
-        return self._step(last_tokens, positions, used)
+        positions = [s.position for s in slots]
+        if self._parts is not None and not self.compiled:
+            groups = attention_groups(positions)
+        else:  # one group: the model's forward attends in one call, and a compiled step keeps one structure
+            groups = [AttentionGroup(0, len(positions), max(positions) + 1)]
+        return self._step(last_tokens, torch.tensor(positions, device=self.device), groups)
 
-    def _own_step(self, input_ids: torch.Tensor, positions: torch.Tensor, used: int) -> torch.Tensor:
+    def _own_step(self, input_ids: torch.Tensor, positions: torch.Tensor, groups: list[AttentionGroup]) -> torch.Tensor:
         # input_ids, positions: [A] -> logits [A, V]
-        return decode_step(self._parts, self.cache.keys, self.cache.values, input_ids, positions, used)
+        return decode_step(self._parts, self.cache.keys, self.cache.values, input_ids, positions, groups)
 
-    def _model_step(self, input_ids: torch.Tensor, positions: torch.Tensor, used: int) -> torch.Tensor:
+    def _model_step(self, input_ids: torch.Tensor, positions: torch.Tensor, groups: list[AttentionGroup]) -> torch.Tensor:
         """The same step through the model's own forward, for architectures decode_step does not cover."""
         # input_ids, positions: [A] -> logits [A, V]
+        used = max(group.used for group in groups)
         # mask: [A, 1, 1, used], True where a key is at or before the slot's own position
         mask = (torch.arange(used, device=self.device) <= positions[:, None])[:, None, None, :]
         past = self.cache.step_view(positions, used)
