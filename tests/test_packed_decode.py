@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from shardgen.workers.decode_step import AttentionGroup, DecoderParts, attention_groups, decode_step, unsupported_reason
+from shardgen.workers.decode_step import (
+    AttentionGroup,
+    DecoderParts,
+    attention_groups,
+    decode_step,
+    prefill_step,
+    unsupported_reason,
+)
 from shardgen.workers.engine import Engine, _Slot
 from shardgen.workers.packed_linear import PackedLinear, pack_linears
 
@@ -107,3 +114,16 @@ def test_attention_groups_cover_the_slots_and_split_only_when_reading_less_pays(
     assert groups[0].start == 0 and groups[-1].stop == len(ragged)
     assert all(a.stop == b.start for a, b in zip(groups, groups[1:]))
     assert all(g.used == max(ragged[g.start : g.stop]) + 1 for g in groups)
+
+
+def test_prefill_step_writes_the_keys_and_values_the_models_forward_computes(tiny_loaded, tiny_reference):
+    engine = Engine(tiny_loaded, batch_size=4)
+    engine._ensure_buffers(4, 64)
+    prompt = list(range(200, 237))
+    with torch.inference_mode():
+        logits = prefill_step(DecoderParts.of(tiny_loaded.model), engine.cache.keys, engine.cache.values, torch.tensor(prompt), 2)
+        out = tiny_reference.model(input_ids=torch.tensor([prompt]), use_cache=True)
+    torch.testing.assert_close(logits, out.logits[:, -1], rtol=1e-4, atol=1e-4)
+    for layer, reference in enumerate(out.past_key_values.layers):
+        torch.testing.assert_close(engine.cache.keys[layer][2:3, :, : len(prompt)], reference.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(engine.cache.values[layer][2:3, :, : len(prompt)], reference.values, rtol=1e-5, atol=1e-5)

@@ -176,3 +176,38 @@ def decode_step(
         normed = layer.post_attention_layernorm(hidden)
         hidden = hidden + mlp.down_proj(F.silu(mlp.gate_proj(normed)) * mlp.up_proj(normed))
     return parts.lm_head(parts.norm(hidden))  # [A, V]
+
+
+def prefill_step(
+    parts: DecoderParts, keys: list[torch.Tensor], values: list[torch.Tensor], prompt_ids: torch.Tensor, row: int
+) -> torch.Tensor:
+    """Run one prompt, writing its keys and values straight into slot `row`; logits of its last token.
+
+    Through the model's forward the prompt's keys and values would first fill a cache of their own and then be
+    copied; here they are written once, where decoding reads them.
+    """
+    # keys[layer], values[layer]: [slots, Hkv, capacity, D]; prompt_ids: [L] -> logits [1, V]
+    length = prompt_ids.shape[0]
+    heads, kv_heads, head_dim = parts.heads, parts.kv_heads, parts.head_dim
+    hidden = parts.embed(prompt_ids)  # [L, hidden]
+    cos, sin = parts.rotary(hidden, torch.arange(length, device=prompt_ids.device)[None])  # [1, L, D]
+    cos, sin = cos[0, :, None], sin[0, :, None]  # [L, 1, D]
+    for index, layer in enumerate(parts.layers):
+        attention, mlp = layer.self_attn, layer.mlp
+        normed = layer.input_layernorm(hidden)
+        query = rotate(attention.q_proj(normed).view(length, heads, head_dim), cos, sin)  # [L, H, D]
+        key = rotate(attention.k_proj(normed).view(length, kv_heads, head_dim), cos, sin)
+        keys[index][row, :, :length] = key.transpose(0, 1)
+        values[index][row, :, :length] = attention.v_proj(normed).view(length, kv_heads, head_dim).transpose(0, 1)
+        attended = F.scaled_dot_product_attention(
+            query.transpose(0, 1)[None],  # [1, H, L, D]
+            keys[index][row : row + 1, :, :length],
+            values[index][row : row + 1, :, :length],
+            is_causal=True,
+            scale=parts.scaling,
+            enable_gqa=True,
+        )  # [1, H, L, D]
+        hidden = hidden + attention.o_proj(attended[0].transpose(0, 1).reshape(length, heads * head_dim))
+        normed = layer.post_attention_layernorm(hidden)
+        hidden = hidden + mlp.down_proj(F.silu(mlp.gate_proj(normed)) * mlp.up_proj(normed))
+    return parts.lm_head(parts.norm(hidden[-1:]))  # [1, V]

@@ -1,14 +1,14 @@
 """The generation engine: continuous batching over a slot-based KV cache allocated once.
 
 Every sample being generated owns a slot: one row of the key/value tensors of every layer, where its prompt
-sits from position 0 on. A prompt is prefilled alone (no padding) through the model's own forward and its keys
-and values are copied into the slots of its samples; then all occupied slots decode together, one token per
+sits from position 0 on. A prompt is prefilled alone (no padding) and its keys and values land in the slots of
+its samples; then all occupied slots decode together, one token per
 step, each at its own position behind its own attention mask. A finished sample leaves at once: the last
 occupied slot moves into its row (occupied slots stay a prefix, so each step works on views, never copies),
 and the next waiting prompt fills the free rows before the next step.
 
 On the CPU the model's float32 linear layers are packed for oneDNN once (packed_linear), and llama-family models
-decode through the engine's own step (decode_step); other models decode through their own forward.
+prefill and decode through the engine's own steps (decode_step); other models go through their own forward.
 Beam search goes through transformers' generate (HFGenerate); `last_path` names the path that ran.
 """
 
@@ -34,7 +34,14 @@ from .generation import (
     OnOutput,
     Sample,
 )
-from .decode_step import AttentionGroup, DecoderParts, attention_groups, decode_step, unsupported_reason
+from .decode_step import (
+    AttentionGroup,
+    DecoderParts,
+    attention_groups,
+    decode_step,
+    prefill_step,
+    unsupported_reason,
+)
 from .hf_generate import HFGenerate
 from .model_loader import LoadedModel
 from .packed_linear import pack_linears
@@ -355,6 +362,11 @@ class Engine:
         self.computed_token_slots += len(prompt_ids)
         if not self.use_kv_cache:
             return self.model(input_ids=input_ids, use_cache=False, logits_to_keep=1).logits[:, -1]
+        if self._parts is not None:
+            logits = prefill_step(self._parts, self.cache.keys, self.cache.values, input_ids[0], rows.start)
+            for row in rows[1:]:  # the other samples of the prompt start from the same keys and values
+                self.cache.move_row(rows.start, row, len(prompt_ids))
+            return logits  # [1, V]
         out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
         layers = out.past_key_values.layers
         self.cache.write_prompt(rows, [layer.keys for layer in layers], [layer.values for layer in layers])
