@@ -44,15 +44,15 @@ def test_prompt_sets_are_deterministic_and_shaped(tiny_loaded):
 def test_peak_memory_counts_what_the_block_allocates_not_what_came_before():
     import torch
 
-    from shardgen.producer.bench import PeakMemory
+    from shardgen.producer.bench import MEMORY_SAMPLE_SECONDS, PeakMemory
 
     before = torch.ones(25_000_000)  # 100 MB held from before the block
     with PeakMemory("cpu") as allocating:
-        block = torch.ones(50_000_000)  # 200 MB
-        time.sleep(0.05)
+        block = torch.ones(50_000_000)  # 200 MB, held over a few samples
+        time.sleep(3 * MEMORY_SAMPLE_SECONDS)
         del block
     with PeakMemory("cpu") as idle:
-        time.sleep(0.05)
+        time.sleep(3 * MEMORY_SAMPLE_SECONDS)
     del before
     assert 190 <= allocating.peak_bytes / 2**20 < 260
     assert idle.peak_bytes / 2**20 < 20
