@@ -20,7 +20,7 @@ app.conf.update(
     # shardgen's leases bring a running shard of a dead worker back in seconds. Redelivery after the visibility
     # timeout covers the one message a worker had fetched but not yet claimed; a redelivered copy of a shard that
     # is still running finds its lease held and is dropped, so the timeout can be short.
-    broker_transport_options={"visibility_timeout": 600},
+    broker_transport_options={"visibility_timeout": 120},
     broker_connection_retry_on_startup=True,
     broker_connection_max_retries=None,
     worker_hijack_root_logger=False,
