@@ -127,6 +127,14 @@ def attention_groups(positions: list[int]) -> list[AttentionGroup]:
     return groups[::-1]
 
 
+def feed_forward(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """A decoder layer's second half: normalized, through the SiLU-gated MLP, added to the residual."""
+    # hidden: [..., hidden] -> same shape
+    normed = layer.post_attention_layernorm(hidden)
+    mlp = layer.mlp
+    return hidden + mlp.down_proj(F.silu(mlp.gate_proj(normed)) * mlp.up_proj(normed))
+
+
 def cache_rows(positions: torch.Tensor, kv_heads: int, capacity: int) -> torch.Tensor:
     """Row of each (slot, kv head)'s new entry in a layer's cache viewed as [slots * kv_heads * capacity, D]."""
     # positions: [A] (slot i is row i) -> [A * kv_heads]
@@ -155,7 +163,7 @@ def decode_step(
     rows = cache_rows(positions, kv_heads, capacity)
     biases = [mask_bias(positions[g.start : g.stop], g.used, hidden.dtype) for g in groups]
     for index, layer in enumerate(parts.layers):
-        attention, mlp = layer.self_attn, layer.mlp
+        attention = layer.self_attn
         normed = layer.input_layernorm(hidden)
         query = rotate(attention.q_proj(normed).view(active, heads, head_dim), cos, sin)
         key = rotate(attention.k_proj(normed).view(active, kv_heads, head_dim), cos, sin)
@@ -173,8 +181,7 @@ def decode_step(
             for g, bias in zip(groups, biases)
         ])  # [A, Hkv, G, D]
         hidden = hidden + attention.o_proj(attended.reshape(active, heads * head_dim).to(hidden.dtype))
-        normed = layer.post_attention_layernorm(hidden)
-        hidden = hidden + mlp.down_proj(F.silu(mlp.gate_proj(normed)) * mlp.up_proj(normed))
+        hidden = feed_forward(layer, hidden)
     return parts.lm_head(parts.norm(hidden))  # [A, V]
 
 
@@ -193,7 +200,7 @@ def prefill_step(
     cos, sin = parts.rotary(hidden, torch.arange(length, device=prompt_ids.device)[None])  # [1, L, D]
     cos, sin = cos[0, :, None], sin[0, :, None]  # [L, 1, D]
     for index, layer in enumerate(parts.layers):
-        attention, mlp = layer.self_attn, layer.mlp
+        attention = layer.self_attn
         normed = layer.input_layernorm(hidden)
         query = rotate(attention.q_proj(normed).view(length, heads, head_dim), cos, sin)  # [L, H, D]
         key = rotate(attention.k_proj(normed).view(length, kv_heads, head_dim), cos, sin)
@@ -208,6 +215,5 @@ def prefill_step(
             enable_gqa=True,
         )  # [1, H, L, D]
         hidden = hidden + attention.o_proj(attended[0].transpose(0, 1).reshape(length, heads * head_dim))
-        normed = layer.post_attention_layernorm(hidden)
-        hidden = hidden + mlp.down_proj(F.silu(mlp.gate_proj(normed)) * mlp.up_proj(normed))
+        hidden = feed_forward(layer, hidden)
     return parts.lm_head(parts.norm(hidden[-1:]))  # [1, V]

@@ -2,8 +2,8 @@
 
 Every sample being generated owns a slot: one row of the key/value tensors of every layer, where its prompt
 sits from position 0 on. A prompt is prefilled alone (no padding) and its keys and values land in the slots of
-its samples; then all occupied slots decode together, one token per
-step, each at its own position behind its own attention mask. A finished sample leaves at once: the last
+its samples; then all occupied slots decode together, one token per step, each at its own position behind its
+own attention mask. A finished sample leaves at once: the last
 occupied slot moves into its row (occupied slots stay a prefix, so each step works on views, never copies),
 and the next waiting prompt fills the free rows before the next step.
 
