@@ -239,7 +239,7 @@ class FirstTokenStreamer:
 
 
 def streamed_hf_generate(loaded: Any, batch_size: int, streamer: FirstTokenStreamer) -> Any:
-    from shardgen.workers.hf_generate import HFGenerate
+    from shardgen.workers.engine.hf_generate import HFGenerate
 
     class StreamedHFGenerate(HFGenerate):
         def generation_kwargs(self, params: SamplingParams) -> dict:
@@ -389,7 +389,7 @@ def bench(model, quantize, device, batch_size, prompt_count, max_new_tokens, wor
     (generate_batch) on the same prompts: useful tokens/s, time to first token, padding waste, peak memory."""
     from shardgen.schemas.model import ModelSpec
     from shardgen.workers.engine import Engine
-    from shardgen.workers.model_loader import load_model
+    from shardgen.workers.models.loader import load_model
 
     chosen = [g.strip() for g in generators.split(",") if g.strip()]
     unknown = set(chosen) - set(GENERATORS)

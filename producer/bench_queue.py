@@ -82,7 +82,7 @@ def embedded_rate(spec: RunSpec, output: Path, device: str, batch_size: int) -> 
 
 
 def distributed_rate(spec: RunSpec, work_dir: Path, broker: str) -> dict[str, Any]:
-    from shardgen.workers.run_store import RunStore
+    from shardgen.workers.lifecycle.store import RunStore
 
     from .submit import submit_run
 

@@ -242,7 +242,7 @@ def submit(as_json: bool, resume_id: str | None, **kwargs: Any) -> None:
     """
     quiet_libraries()
     from shardgen.workers.redis_conn import broker_url
-    from shardgen.workers.run_store import RunStore
+    from shardgen.workers.lifecycle.store import RunStore
 
     from .status import status_dict
     from .submit import submit_run
@@ -286,7 +286,7 @@ def _resume(store: Any, url: str, run_id: str, spec: Any, work_dir: Path) -> Any
 def retry(run_id: str, broker: str | None) -> None:
     """Queue RUN_ID's failed, cancelled, lost and missing shards again (rows come from Redis)."""
     from shardgen.workers.redis_conn import broker_url
-    from shardgen.workers.run_store import RunStore
+    from shardgen.workers.lifecycle.store import RunStore
 
     from .submit import requeue, shards_to_redo
 
@@ -308,7 +308,7 @@ def retry(run_id: str, broker: str | None) -> None:
 def cancel(run_id: str, broker: str | None) -> None:
     """Stop RUN_ID: queued shards are dropped, running ones stop at their next step. `retry` resumes it."""
     from shardgen.workers.redis_conn import broker_url
-    from shardgen.workers.run_store import RunStore
+    from shardgen.workers.lifecycle.store import RunStore
 
     store = RunStore(broker_url(broker))
     if not store.cancel(run_id):
@@ -334,7 +334,7 @@ def worker(loglevel: str, node_name: str | None, **kwargs: Any) -> None:
     Runs only reach workers started with the same --model and --quantize.
     """
     quiet_libraries()
-    from shardgen.workers.worker_main import start_worker
+    from shardgen.workers.queue.worker_main import start_worker
 
     options = _collect_options(kwargs)
     start_worker(
@@ -365,7 +365,7 @@ def status(run_id: str | None, broker: str | None, as_json: bool, watch: bool, i
     or was cancelled.
     """
     from shardgen.workers.redis_conn import broker_url
-    from shardgen.workers.run_store import RunStore
+    from shardgen.workers.lifecycle.store import RunStore
 
     from .status import runs_table, status_dict, status_view
 
@@ -426,7 +426,7 @@ def collect(run_id: str, output: str, work_dir: str | None, allow_partial: bool,
     check_run_id(run_id)
     if work_dir is None:
         from shardgen.workers.redis_conn import broker_url
-        from shardgen.workers.run_store import RunStore
+        from shardgen.workers.lifecycle.store import RunStore
 
         work_dir = RunStore(broker_url(broker)).record(run_id, with_shards=False).work_dir
     recorded = read_run_file(Path(work_dir) / run_id)

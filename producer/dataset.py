@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 from shardgen.schemas.errors import InputError
 from shardgen.schemas.run import ColumnMapping, RunSpec
 from shardgen.schemas.shard import InputRow, Shard
+from shardgen.workers.storage.datasets import load_dataset_table
 
-FORMATS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 PROMPT_COLUMN_GUESSES = ("prompt", "question", "instruction", "input", "text", "query")
 MESSAGES_COLUMN_GUESSES = ("messages", "conversation", "conversations")
 
@@ -22,75 +19,6 @@ MESSAGES_COLUMN_GUESSES = ("messages", "conversation", "conversations")
 class ResolvedColumns:
     prompt: str | None
     messages: str | None
-
-
-def load_dataset_table(source: str, split: str | None = None, limit: int | None = None) -> Any:
-    """A `datasets.Dataset` for a file, a save_to_disk directory or a hub name; errors are one line."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    path = Path(source).expanduser()
-    try:
-        if path.is_dir():
-            if not any((path / marker).exists() for marker in ("dataset_info.json", "state.json", "dataset_dict.json")):
-                raise InputError(f"{path} is a directory but not a saved dataset", "pass a file, or a directory written by save_to_disk")
-            loaded = datasets.load_from_disk(str(path))
-            if isinstance(loaded, datasets.DatasetDict):
-                loaded = _pick_split(loaded, split, source)
-        elif path.exists():
-            fmt = FORMATS.get(path.suffix.lower())
-            if fmt is None:
-                raise InputError(
-                    f"unsupported input format {path.suffix or '(no extension)'} for {path}",
-                    "use .jsonl, .json, .csv or .parquet, or a save_to_disk directory",
-                )
-            if not os.access(path, os.R_OK):
-                raise InputError(f"cannot read {path}: permission denied", "check the file's permissions")
-            if path.stat().st_size == 0:
-                raise InputError(f"dataset {source} has no rows", "pass a file with at least one row")
-            loaded = datasets.load_dataset(fmt, data_files=str(path), split="train")
-        elif _looks_like_path(source):
-            raise InputError(f"input file {source} does not exist", "check the path")
-        else:
-            loaded = datasets.load_dataset(source, split=split or "train")
-    except InputError:
-        raise
-    except FileNotFoundError as exc:
-        raise InputError(f"cannot find dataset {source}: {_first_line(exc)}", "check the path or the hub name") from None
-    except Exception as exc:  # datasets wraps parser errors in many types; the user needs one line
-        if "corresponds to no data" in str(exc):
-            raise InputError(f"dataset {source} has no rows", "pass a file with at least one row") from None
-        if path.exists():
-            raise InputError(f"cannot read dataset {source}: {_first_line(exc)}", "check that the file is valid and complete") from None
-        raise InputError(
-            f"cannot load dataset {source} from the hub: {_first_line(exc)}",
-            "check the name and the network, or pass a local file",
-        ) from None
-    if limit is not None:
-        loaded = loaded.select(range(min(limit, len(loaded))))
-    if len(loaded) == 0:
-        raise InputError(f"dataset {source} has no rows", "pass a file with at least one row")
-    return loaded
-
-
-def _pick_split(dataset_dict: Any, split: str | None, source: str) -> Any:
-    names = list(dataset_dict.keys())
-    chosen = split or ("train" if "train" in names else names[0])
-    if chosen not in dataset_dict:
-        raise InputError(f"dataset {source} has no split {chosen!r}", f"use --split with one of {', '.join(names)}")
-    return dataset_dict[chosen]
-
-
-def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or Path(source).suffix.lower() in FORMATS or source.count("/") > 1 or bool(
-        re.search(r"\s", source)
-    )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
 
 
 def resolve_columns(columns: ColumnMapping, available: list[str]) -> ResolvedColumns:

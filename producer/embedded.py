@@ -13,7 +13,7 @@ from rich.console import Console
 from shardgen.schemas.errors import InvalidParameter
 from shardgen.schemas.run import RunSpec
 from shardgen.workers.generators import make_generator
-from shardgen.workers.model_loader import load_model
+from shardgen.workers.models.loader import load_model
 from shardgen.workers.process_shard import process_shard
 from shardgen.workers.writer import shard_path
 

@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Group
 from rich.table import Table
 
-from shardgen.workers.run_store import RunRecord
+from shardgen.workers.lifecycle.store import RunRecord
 
 from .display import human_duration, key_value_table, rows_table
 

@@ -9,8 +9,8 @@ from rich.console import Console
 from shardgen.schemas.errors import InputError
 from shardgen.schemas.run import RunSpec
 from shardgen.schemas.shard import ShardMessage, rows_to_json
-from shardgen.workers.celery_app import configure, enqueue
-from shardgen.workers.run_store import RunRecord, RunStore
+from shardgen.workers.queue.celery_app import configure, enqueue
+from shardgen.workers.lifecycle.store import RunRecord, RunStore
 from shardgen.workers.writer import shard_path
 
 from .collect import write_run_file

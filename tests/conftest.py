@@ -97,7 +97,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_model_dir: Path):
     from shardgen.schemas.model import ModelSpec
-    from shardgen.workers.model_loader import load_model
+    from shardgen.workers.models.loader import load_model
 
     return load_model(ModelSpec(model=str(tiny_model_dir)), "cpu")
 
@@ -106,7 +106,7 @@ def tiny_loaded(tiny_model_dir: Path):
 def tiny_reference(tiny_model_dir: Path):
     """A second copy of the tiny model that no engine packs: what plain transformers computes."""
     from shardgen.schemas.model import ModelSpec
-    from shardgen.workers.model_loader import load_model
+    from shardgen.workers.models.loader import load_model
 
     return load_model(ModelSpec(model=str(tiny_model_dir)), "cpu")
 
@@ -115,7 +115,7 @@ def tiny_reference(tiny_model_dir: Path):
 def real_loaded():
     """The real default model, loaded once per session."""
     from shardgen.schemas.model import ModelSpec
-    from shardgen.workers.model_loader import load_model
+    from shardgen.workers.models.loader import load_model
 
     return load_model(ModelSpec(), "cpu")
 

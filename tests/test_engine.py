@@ -3,9 +3,10 @@ import dataclasses
 import pytest
 
 from shardgen.schemas.sampling import SamplingParams
-from shardgen.workers.engine import PATH_BEAM_SEARCH, PATH_ENGINE, Engine, GenerationCancelled
+from shardgen.workers.engine import PATH_BEAM_SEARCH, PATH_ENGINE, Engine
+from shardgen.workers.generation import GenerationCancelled
 from shardgen.workers.generation import FINISH_LENGTH, FINISH_STOP, GenerationRequest
-from shardgen.workers.hf_generate import HFGenerate
+from shardgen.workers.engine.hf_generate import HFGenerate
 from tests.conftest import chat_ids
 
 QUESTIONS = [
@@ -159,7 +160,7 @@ def test_should_stop_cancels_between_steps(tiny_loaded):
 @pytest.mark.real_model
 def test_real_model_greedy_matches_hf_generate_one_at_a_time(real_loaded):
     from shardgen.schemas.model import ModelSpec
-    from shardgen.workers.model_loader import load_model
+    from shardgen.workers.models.loader import load_model
 
     requests = requests_for(real_loaded.tokenizer, 16)
     params = SamplingParams(max_new_tokens=24)

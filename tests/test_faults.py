@@ -186,7 +186,7 @@ def test_malformed_and_foreign_messages_are_rejected_not_executed(tmp_path, redi
     from celery import Celery
 
     from shardgen.schemas.model import ModelSpec
-    from shardgen.workers.celery_app import TASK_NAME
+    from shardgen.workers.queue.celery_app import TASK_NAME
 
     model = str(tiny_model_dir)
     queue = ModelSpec(model=model).queue

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from shardgen.workers.decode_step import (
+from shardgen.workers.engine.llama_step import (
     AttentionGroup,
     DecoderParts,
     attention_groups,
@@ -11,8 +11,9 @@ from shardgen.workers.decode_step import (
     prefill_step,
     unsupported_reason,
 )
-from shardgen.workers.engine import Engine, _Slot
-from shardgen.workers.packed_linear import PackedLinear, pack_linears
+from shardgen.workers.engine import Engine
+from shardgen.workers.engine.scheduler import _Slot
+from shardgen.workers.engine.packed_linear import PackedLinear, pack_linears
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -3,6 +3,7 @@ bitsandbytes methods on the real model, and bench-quant."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -17,7 +18,7 @@ from shardgen.producer.quantize import quantize
 from shardgen.schemas.errors import InputError, InvalidParameter, ModelError
 from shardgen.schemas.model import ModelSpec
 from shardgen.workers import quantization
-from shardgen.workers.model_loader import load_model, resolve_model
+from shardgen.workers.models.loader import load_model, resolve_model
 from tests.conftest import run_cli, write_jsonl
 from tests.tiny_model import build_tiny_model
 
@@ -137,7 +138,7 @@ def test_gptq_format_checkpoint_without_gptqmodel_names_what_would_work(tiny_mod
     config = json.loads((tiny_model_dir / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
     (checkpoint / "config.json").write_text(json.dumps(config))
-    if quantization.importlib.util.find_spec("gptqmodel") is not None:
+    if importlib.util.find_spec("gptqmodel") is not None:
         pytest.fail("gptqmodel is installed here: this test checks the refusal where it is not", pytrace=False)
     with pytest.raises(ModelError, match="is a gptq checkpoint, which transformers loads only with gptqmodel") as info:
         load_model(ModelSpec(model=str(checkpoint)), "cpu")
@@ -168,7 +169,7 @@ def test_unreadable_gguf_is_one_clear_error(tmp_path, isolated_cache):
 
 @pytest.mark.real_model
 def test_gguf_file_is_converted_once_and_then_served_from_the_cache(isolated_cache):
-    from shardgen.workers.default_model import bundled_gguf, default_checkpoint
+    from shardgen.workers.models.default_model import bundled_gguf, default_checkpoint
 
     first = resolve_model(str(bundled_gguf()))
     again = resolve_model(str(bundled_gguf()))

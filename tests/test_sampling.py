@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from shardgen.schemas.sampling import SamplingParams
-from shardgen.workers import sampling
-from shardgen.workers.sampling import (
+from shardgen.workers.engine import sampling
+from shardgen.workers.engine.sampling import (
     apply_repetition_penalty,
     apply_temperature,
     derive_seed,

@@ -9,7 +9,7 @@ def build_tiny_model(target: Path, *, seed: int = 0, layers: int = 2, hidden: in
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from shardgen.workers.default_model import default_checkpoint
+    from shardgen.workers.models.default_model import default_checkpoint
 
     tokenizer = AutoTokenizer.from_pretrained(default_checkpoint())
     config = LlamaConfig(

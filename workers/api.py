@@ -21,9 +21,9 @@ from shardgen.schemas.shard import InputRow
 
 from .engine import Engine, Finished, NewToken
 from .generation import GenerationOutput, GenerationRequest, Sample
-from .model_loader import LoadedModel, load_model
+from .models.loader import LoadedModel, load_model
 from .prompts import conversation, render_text, tokenize_text
-from .stop import truncate_at_stop
+from .engine.stop import truncate_at_stop
 
 Message = Mapping[str, Any]
 

@@ -7,7 +7,7 @@ import os
 from shardgen.schemas.errors import InvalidParameter
 
 from .generation import Generator
-from .model_loader import LoadedModel
+from .models.loader import LoadedModel
 
 GENERATORS = ("engine", "hf-generate")
 GENERATOR_ENV = "SHARDGEN_GENERATOR"
@@ -17,7 +17,7 @@ def make_generator(loaded: LoadedModel, batch_size: int, *, compile: bool = Fals
     """The engine by default; `hf-generate` (plain transformers generate) for comparison or debugging."""
     kind = kind or os.environ.get(GENERATOR_ENV) or "engine"
     if kind == "hf-generate":
-        from .hf_generate import HFGenerate
+        from .engine.hf_generate import HFGenerate
 
         return HFGenerate(loaded, batch_size=batch_size)
     if kind == "engine":

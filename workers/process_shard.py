@@ -14,7 +14,7 @@ from shardgen.schemas.run import RunSpec
 from shardgen.schemas.shard import Shard
 
 from .generation import EngineOOM, GenerationCancelled, GenerationOutput, GenerationRequest, Generator
-from .model_loader import LoadedModel
+from .models.loader import LoadedModel
 from .prompts import PromptTokens, tokenize_row
 from .writer import result_table, shard_path, write_shard_once
 

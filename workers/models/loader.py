@@ -13,7 +13,8 @@ from typing import Any
 from shardgen.schemas.errors import InvalidParameter, ModelError
 from shardgen.schemas.model import BNB_METHODS, ModelSpec
 
-from . import default_model, quantization
+from .. import quantization
+from . import default_model
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from shardgen.schemas.errors import BrokerError, RunNotFound
 from shardgen.schemas.run import RunSpec
 from shardgen.schemas.shard import InputRow, ShardState, check_run_id, rows_from_json
 
-from .redis_conn import connect
+from ..redis_conn import connect
 
 PREFIX = "sg"
 # A running shard renews its lease every few seconds; one that expires (worker killed, host gone) is requeued.

@@ -34,7 +34,7 @@ app.conf.update(
 def configure(broker: str) -> Celery:
     from urllib.parse import urlsplit, urlunsplit
 
-    from .redis_conn import tls_options
+    from ..redis_conn import tls_options
 
     tls = tls_options(broker)
     if tls is not None:

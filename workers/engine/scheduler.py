@@ -8,7 +8,7 @@ occupied slot moves into its row (occupied slots stay a prefix, so each step wor
 and the next waiting prompt fills the free rows before the next step.
 
 On the CPU the model's float32 linear layers are packed for oneDNN once (packed_linear), and llama-family models
-prefill and decode through the engine's own steps (decode_step); other models go through their own forward.
+prefill and decode through the engine's own steps (llama_step); other models go through their own forward.
 Beam search goes through transformers' generate (HFGenerate); `last_path` names the path that ran.
 """
 
@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from transformers import AttentionInterface
 
 from shardgen.schemas.sampling import SamplingParams
 
-from .generation import (
+from ..generation import (
     EngineOOM,
     GenerationCancelled,
     FINISH_LENGTH,
@@ -34,7 +33,8 @@ from .generation import (
     OnOutput,
     Sample,
 )
-from .decode_step import (
+from .kv_cache import SlotCache
+from .llama_step import (
     AttentionGroup,
     DecoderParts,
     attention_groups,
@@ -43,9 +43,10 @@ from .decode_step import (
     unsupported_reason,
 )
 from .hf_generate import HFGenerate
-from .model_loader import LoadedModel
+from ..models.loader import LoadedModel
 from .packed_linear import pack_linears
 from .sampling import derive_seed, next_tokens, row_generator
+from .slot_attention import register_slot_attention
 from .stop import truncate_at_stop
 
 PATH_ENGINE = "engine"
@@ -69,74 +70,6 @@ class Finished:
 
 
 Event = NewToken | Finished
-
-
-SLOT_ATTENTION = "shardgen_slot_attention"
-
-
-def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """SDPA for grouped-query attention without copying keys per query head: the query heads sharing a key
-    head become rows of one head. Registered as an attention implementation for the engine's decode steps."""
-    # query: [A, H, q, D]; key, value: [A, Hkv, T, D]; attention_mask: [A, 1, q, T] bool (True = attend)
-    batch, heads, queries, head_dim = query.shape
-    kv_heads = key.shape[1]
-    group = heads // kv_heads
-    grouped_query = query.reshape(batch, kv_heads, group * queries, head_dim)
-    grouped_mask = attention_mask.repeat(1, 1, group, 1) if queries > 1 else attention_mask
-    out = torch.nn.functional.scaled_dot_product_attention(
-        grouped_query, key, value, attn_mask=grouped_mask, scale=scaling
-    )  # [A, Hkv, group * q, D]
-    return out.reshape(batch, heads, queries, head_dim).transpose(1, 2), None  # [A, q, H, D]
-
-
-AttentionInterface.register(SLOT_ATTENTION, slot_attention)
-
-
-class SlotCache:
-    """Per-layer keys and values, [slots, kv_heads, capacity, head_dim]; one row per sample being generated."""
-
-    def __init__(self, layers: int, slots: int, kv_heads: int, capacity: int, head_dim: int, dtype, device):
-        shape = (slots, kv_heads, capacity, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.slots = slots
-        self.capacity = capacity
-
-    def write_prompt(self, rows: range, prompt_keys: list[torch.Tensor], prompt_values: list[torch.Tensor]) -> None:
-        # prompt_keys[layer]: [1, kv_heads, L, head_dim], copied into rows at positions [0, L)
-        length = prompt_keys[0].shape[-2]
-        for layer, (keys, values) in enumerate(zip(prompt_keys, prompt_values)):
-            self.keys[layer][rows.start : rows.stop, :, :length] = keys
-            self.values[layer][rows.start : rows.stop, :, :length] = values
-
-    def move_row(self, source: int, target: int, length: int) -> None:
-        for tensors in (self.keys, self.values):
-            for layer in tensors:
-                layer[target, :, :length] = layer[source, :, :length]
-
-    def step_view(self, positions: torch.Tensor, used: int) -> "DecodeStepCache":
-        return DecodeStepCache(self, positions, used)
-
-
-class DecodeStepCache:
-    """What the model sees as past_key_values for one decode step over the occupied prefix of slots."""
-
-    def __init__(self, cache: SlotCache, positions: torch.Tensor, used: int):
-        self.cache = cache
-        self.positions = positions  # [A] where each slot's new token goes
-        self.rows = torch.arange(positions.shape[0], device=positions.device)  # [A]
-        self.used = used
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
-        # key_states: [A, kv_heads, 1, head_dim] -> keys of the occupied slots [A, kv_heads, used, head_dim]
-        active = self.positions.shape[0]
-        keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
-        keys[self.rows, :, self.positions] = key_states[:, :, 0]
-        values[self.rows, :, self.positions] = value_states[:, :, 0]
-        return keys[:active, :, : self.used], values[:active, :, : self.used]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.used
 
 
 @dataclass
@@ -398,7 +331,7 @@ class Engine:
         past = self.cache.step_view(positions, used)
         config = self.model.config
         default_attention = config._attn_implementation
-        config._attn_implementation = SLOT_ATTENTION
+        config._attn_implementation = register_slot_attention()
         try:
             out = self.model(
                 input_ids=input_ids[:, None],

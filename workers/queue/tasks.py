@@ -15,10 +15,10 @@ from shardgen.schemas.run import RunSpec
 from shardgen.schemas.shard import ShardMessage
 
 from .celery_app import TASK_NAME, app, enqueue
-from .generation import GenerationCancelled, Generator
-from .model_loader import LoadedModel
-from .process_shard import process_shard
-from .run_store import LEASE_MS, RunStore
+from ..generation import GenerationCancelled, Generator
+from ..models.loader import LoadedModel
+from ..process_shard import process_shard
+from ..lifecycle.store import LEASE_MS, RunStore
 
 log = logging.getLogger("shardgen.worker")
 

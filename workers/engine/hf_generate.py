@@ -10,7 +10,7 @@ import torch
 
 from shardgen.schemas.sampling import SamplingParams
 
-from .generation import (
+from ..generation import (
     FINISH_LENGTH,
     FINISH_STOP,
     GenerationCancelled,
@@ -19,7 +19,7 @@ from .generation import (
     OnOutput,
     Sample,
 )
-from .model_loader import LoadedModel
+from ..models.loader import LoadedModel
 from .stop import truncate_at_stop
 
 

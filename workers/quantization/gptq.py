@@ -1,161 +1,25 @@
-"""Quantization beyond on-the-fly bitsandbytes: pre-quantized checkpoints, GGUF files, and GPTQ calibration.
+"""GPTQ (Frantar et al., 2022, arXiv:2210.17323) in plain torch, so that it runs the same on CPU and CUDA.
 
-GPTQ (Frantar et al., 2022, arXiv:2210.17323) is implemented here in plain torch so that it runs the same on CPU
-and CUDA; its checkpoints are written in the compressed-tensors "pack-quantized" format (the format llm-compressor
-writes), which transformers loads on any device and vLLM serves with int4 kernels.
+Checkpoints are written in the compressed-tensors "pack-quantized" format (the format llm-compressor writes),
+which transformers loads on any device and vLLM serves with int4 kernels. Takes texts; reads no dataset.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import importlib.util
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from shardgen.schemas.errors import InputError, InvalidParameter, ModelError
-from shardgen.schemas.model import BNB_METHODS, GPTQ_FIELDS, ModelSpec
+from shardgen.schemas.errors import InvalidParameter, ModelError
 
-from .default_model import cache_dir, convert_gguf, staged_directory
+from ..models.default_model import staged_directory
 
 CALIBRATION_MAX_TOKENS = 512
 DEFAULT_SAMPLES = 128
 DEFAULT_DAMP_PERCENT = 0.01
-TEXT_COLUMN_GUESSES = ("text", "content", "prompt", "question", "instruction", "input")
-# Packages transformers needs to load each checkpoint format (import names).
-FORMAT_PACKAGES = {"gptq": ("gptqmodel", "optimum"), "awq": ("gptqmodel",), "compressed-tensors": ("compressed_tensors",)}
-CPU_WORKS = "on cpu use --quantize nf4, fp4 or int8, or a GPTQ checkpoint made by `shardgen quantize`"
 
 
-# ---------------------------------------------------------------- converted-once cache
-def build_once(target: Path, build: Callable[[Path], None]) -> Path:
-    """`target`, built by `build(target)` unless a previous run (or another worker on this host) already did."""
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "config.json").is_file():
-            build(target)
-    return target
-
-
-def _short_hash(*parts: Any) -> str:
-    return hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:16]
-
-
-# ---------------------------------------------------------------- GGUF
-def gguf_cache_dir(path: Path) -> Path:
-    """Where a GGUF file's converted checkpoint lives; a changed file (size or mtime) gets a new one."""
-    path = path.expanduser().resolve()
-    stat = path.stat()
-    return cache_dir() / "models" / f"gguf-{_short_hash(path, stat.st_size, stat.st_mtime_ns)}"
-
-
-def gguf_checkpoint(path: Path) -> tuple[Path, bool]:
-    """The plain checkpoint converted from a GGUF file, and whether this call converted it."""
-    target = gguf_cache_dir(path)
-    if (target / "config.json").is_file():
-        return target, False
-    build_once(target, lambda out: _convert_gguf_or_explain(path, out))
-    return target, True
-
-
-def _convert_gguf_or_explain(path: Path, target: Path) -> None:
-    try:
-        convert_gguf(path.expanduser().resolve(), target)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ModelError(
-            f"cannot convert GGUF file {path}: {_first_line(exc)}",
-            "transformers reads GGUF files of common architectures (llama, mistral, qwen2, gemma, phi3, ...); "
-            "pass a checkpoint directory instead",
-        ) from None
-
-
-# ---------------------------------------------------------------- pre-quantized checkpoints
-def checkpoint_quant_method(source: str, revision: str | None = None, token: str | None = None) -> str | None:
-    """The `quant_method` in a checkpoint's config.json (gptq, awq, compressed-tensors, ...), None if plain."""
-    from transformers import PretrainedConfig
-
-    try:
-        config, _ = PretrainedConfig.get_config_dict(source, revision=revision, token=token)
-    except (OSError, ValueError):
-        return None  # unreadable or unreachable: loading reports it with the full explanation
-    quant = config.get("quantization_config")
-    if not isinstance(quant, Mapping):
-        return None
-    return str(quant.get("quant_method", "unknown")).lower().replace("_", "-")
-
-
-def refuse_unrunnable_method(spec: ModelSpec, device: str) -> None:
-    """Refuse, before anything is read or loaded, a method the device cannot run."""
-    if spec.quantize == "awq" and not device.startswith("cuda"):
-        raise ModelError(f"AWQ runs only on CUDA (its kernels come from gptqmodel), not on {device}", CPU_WORKS)
-
-
-def check_checkpoint_fits(spec: ModelSpec, checkpoint_method: str | None, device: str) -> None:
-    """Refuse a --quantize that contradicts the checkpoint, or a checkpoint format this install cannot load."""
-    if checkpoint_method is None:
-        _check_plain_checkpoint(spec)
-    else:
-        _check_prequantized_checkpoint(spec, checkpoint_method, device)
-
-
-def _check_plain_checkpoint(spec: ModelSpec) -> None:
-    if spec.quantize == "awq":
-        raise ModelError(
-            f"--quantize awq needs an AWQ checkpoint, and {spec.model} is not quantized",
-            "pass an AWQ checkpoint (quant_method awq in its config.json), or use --quantize nf4 or int8",
-        )
-    if spec.quantize == "gptq" and "dataset" not in spec.quantization_config:
-        raise ModelError(
-            f"--quantize gptq needs a GPTQ checkpoint or calibration data, and {spec.model} is not quantized",
-            f"run `shardgen quantize {spec.model} --method gptq --dataset FILE -o DIR` and pass --model DIR, "
-            "or add a dataset to --quantization-config",
-        )
-
-
-def _check_prequantized_checkpoint(spec: ModelSpec, checkpoint_method: str, device: str) -> None:
-    name = spec.model
-    if spec.quantize in BNB_METHODS:
-        raise ModelError(
-            f"{name} is already quantized ({checkpoint_method}) and cannot be quantized again with {spec.quantize}",
-            "drop --quantize: a pre-quantized checkpoint loads as it is",
-        )
-    if any(key in GPTQ_FIELDS for key in spec.quantization_config):
-        raise ModelError(
-            f"{name} is already quantized ({checkpoint_method}); GPTQ calibration fields do not apply to it",
-            "drop the bits/group_size/dataset fields from --quantization-config",
-        )
-    expected = {"gptq": ("gptq", "compressed-tensors"), "awq": ("awq",)}.get(spec.quantize)
-    if expected and checkpoint_method not in expected:
-        raise ModelError(
-            f"--quantize {spec.quantize} does not match {name}, which is {checkpoint_method}-quantized",
-            "pass --quantize none to load it as the checkpoint says",
-        )
-    if checkpoint_method == "awq" and not device.startswith("cuda"):
-        raise ModelError(f"{name} is an AWQ checkpoint; AWQ runs only on CUDA, not on {device}", CPU_WORKS)
-    _require_format_packages(name, checkpoint_method)
-
-
-def _require_format_packages(name: str, checkpoint_method: str) -> None:
-    missing = [pkg for pkg in FORMAT_PACKAGES.get(checkpoint_method, ()) if importlib.util.find_spec(pkg) is None]
-    if not missing:
-        return
-    if checkpoint_method == "compressed-tensors":
-        hint = "install it with `pip install compressed-tensors` (a pure-Python wheel)"
-    else:
-        hint = (
-            f"install {' and '.join(missing)} on a CUDA host, or re-quantize the original model with "
-            "`shardgen quantize MODEL --method gptq ...`, whose checkpoints load on cpu and cuda"
-        )
-    raise ModelError(f"{name} is a {checkpoint_method} checkpoint, which transformers loads only with {', '.join(missing)}", hint)
-
-
-# ---------------------------------------------------------------- GPTQ settings and calibration data
 @dataclass(frozen=True)
 class GptqSettings:
     bits: int = 4
@@ -166,25 +30,6 @@ class GptqSettings:
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "GptqSettings":
         return cls(config.get("bits", 4), config.get("group_size"), config.get("damp_percent", DEFAULT_DAMP_PERCENT))
-
-
-def calibration_texts(dataset: str, text_column: str | None = None, samples: int = DEFAULT_SAMPLES) -> list[str]:
-    """A fixed random sample (seed 0) of non-empty texts from one column of a dataset file or hub name."""
-    from shardgen.producer.dataset import load_dataset_table
-
-    table = load_dataset_table(dataset)
-    column = text_column or next((c for c in TEXT_COLUMN_GUESSES if c in table.column_names), None)
-    if column is None or column not in table.column_names:
-        wanted = f"column {text_column!r}" if text_column else f"text column ({', '.join(TEXT_COLUMN_GUESSES)})"
-        raise InputError(
-            f"calibration dataset {dataset} has no {wanted}",
-            f"pick one of {', '.join(table.column_names)} with --text-column",
-        )
-    table = table.shuffle(seed=0).select(range(min(samples, len(table))))
-    texts = [value for value in table[column] if isinstance(value, str) and value.strip()]
-    if not texts:
-        raise InputError(f"column {column!r} of {dataset} holds no text", "pick a column of strings with --text-column")
-    return texts
 
 
 # ---------------------------------------------------------------- GPTQ: the algorithm
@@ -446,28 +291,3 @@ def _write_compressed_checkpoint(
         model.save_pretrained(staging)
         compressor.update_config(str(staging))
         tokenizer.save_pretrained(staging)
-
-
-# ---------------------------------------------------------------- GPTQ at load time (--quantize gptq + dataset)
-def calibrated_checkpoint(source: str, spec: ModelSpec, device: str) -> Path:
-    """A GPTQ checkpoint of `source` made once from the calibration fields in the spec, cached by all of them."""
-    config = spec.quantization_config
-    key = _short_hash(source, _mtime_of(source), json.dumps(dict(config), sort_keys=True))
-    target = cache_dir() / "models" / f"gptq-{key}"
-
-    def build(out: Path) -> None:
-        texts = calibration_texts(config["dataset"], config.get("text_column"), config.get("samples", DEFAULT_SAMPLES))
-        gptq_quantize_model(source, out, texts, GptqSettings.from_config(config), device)
-
-    return build_once(target, build)
-
-
-def _mtime_of(source: str) -> int:
-    config = Path(source) / "config.json"
-    return config.stat().st_mtime_ns if config.is_file() else 0
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
-

@@ -14,10 +14,10 @@ from shardgen.schemas.model import ModelSpec
 
 from . import tasks
 from .celery_app import configure
-from .generators import make_generator
-from .model_loader import check_device, load_model
-from .redis_conn import broker_url, redact
-from .run_store import RunStore
+from ..generators import make_generator
+from ..models.loader import check_device, load_model
+from ..redis_conn import broker_url, redact
+from ..lifecycle.store import RunStore
 
 
 def start_worker(
