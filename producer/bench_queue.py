@@ -82,18 +82,18 @@ def embedded_rate(spec: RunSpec, output: Path, device: str, batch_size: int) -> 
 
 
 def distributed_rate(spec: RunSpec, work_dir: Path, broker: str) -> dict[str, Any]:
-    from shardgen.workers.lifecycle.store import RunStore
+    from shardgen.workers.lifecycle import RunStore
 
     from .submit import submit_run
 
     store = RunStore(broker)
     started = time.time()
-    submit_run(spec, work_dir, store, broker, Console(stderr=True, quiet=True))
-    while not (record := store.record(spec.run_id, with_shards=False)).finished:
+    submit_run(spec, str(work_dir), store, Console(stderr=True, quiet=True))
+    while not (record := store.record(spec.run_id, details=False)).finished:
         time.sleep(0.2)
     seconds = (record.finished_at or time.time()) - started
-    if record.state != "done":
-        raise click.ClickException(f"the distributed run ended {record.state}")
+    if record.state.value != "done":
+        raise click.ClickException(f"the distributed run ended {record.state.value}")
     return {"mode": "distributed (submit + 1 worker)", "rows": record.rows_done, "tokens": record.generated_tokens, "seconds": seconds}
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -56,13 +55,15 @@ model_options = _options(
         'or \'{"bits": 4, "dataset": "calib.jsonl"}\' (or a [quantization_config] table in --config).',
     ),
     click.option("--dtype", type=click.Choice(DTYPES), help="Weights dtype [default: auto: float32 on CPU, bfloat16 on CUDA]."),
-    click.option("--revision", help="Hub revision (branch, tag or commit) of the model."),
+    click.option("--model-revision", help="Hub revision (branch, tag or commit) of the model."),
     click.option("--trust-remote-code", is_flag=True, default=None, help="Allow the model's own Python code to run (off unless given)."),
 )
 
 input_options = _options(
     click.argument("input_path", metavar="INPUT", required=False),
     click.option("--split", help="Dataset split for hub datasets and saved DatasetDicts [default: train]."),
+    click.option("--subset", help="Hub dataset subset, also called config (e.g. main for openai/gsm8k)."),
+    click.option("--revision", help="Hub dataset revision: branch, tag or commit."),
     click.option("--limit", type=int, help="Use only the first N rows."),
     click.option("--prompt-column", help="Column of plain-text prompts [default: prompt, question, instruction, input or text]."),
     click.option("--messages-column", help="Column of chat message lists instead of a prompt column."),
@@ -93,6 +94,13 @@ generation_options = _options(
     click.option("--early-stopping/--no-early-stopping", default=None, help="Beam search early stopping."),
 )
 
+storage_option = click.option(
+    "--storage-options",
+    help='fsspec options for s3://, gs://, hf:// locations as JSON, e.g. \'{"endpoint_url": "http://minio:9000"}\' '
+    "(or a [storage_options] table in --config; workers also read SHARDGEN_STORAGE_OPTIONS). The AWS_* variables "
+    "and AWS_ENDPOINT_URL work as usual. Never printed or stored with the run.",
+)
+
 runtime_options = _options(
     click.option("--device", help="cpu, cuda or cuda:N [default: auto]."),
     click.option("--batch-size", type=int, help="Sequences decoded together [default: 16]."),
@@ -100,7 +108,8 @@ runtime_options = _options(
 
 
 def _collect_options(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Flags given on the command line, under canonical option names, merged over the --config file."""
+    """Flags given on the command line, under canonical option names, merged over the --config file; storage
+    options take effect for this process."""
     file_options = config_mod.load_config(kwargs.pop("config_path", None))
     flags = dict(kwargs)
     if flags.get("input_path") is not None:
@@ -109,7 +118,22 @@ def _collect_options(kwargs: dict[str, Any]) -> dict[str, Any]:
         flags.pop("input_path", None)
     if flags.get("keep_columns"):
         flags["keep_columns"] = tuple(c.strip() for c in flags["keep_columns"].split(",") if c.strip())
-    return config_mod.merge(file_options, flags)
+    options = config_mod.merge(file_options, flags)
+    _use_storage_options(options.get("storage_options"))
+    return options
+
+
+def _use_storage_options(value: Any) -> None:
+    if value:
+        from shardgen.workers.storage import parse_storage_options, set_storage_options
+
+        set_storage_options(parse_storage_options(value))
+
+
+def _store(broker: str | None) -> Any:
+    from shardgen.workers.lifecycle import RunStore
+
+    return RunStore(broker)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -121,8 +145,8 @@ def cli() -> None:
     Embedded, one process, no services:
       shardgen run prompts.jsonl -o results.parquet
     Distributed, Redis + Celery workers on GPU nodes:
-      shardgen submit prompts.jsonl --work-dir /shared/runs   (prints RUN_ID)
-      shardgen worker --device cuda:0                          (one per GPU, any host)
+      shardgen submit prompts.jsonl --work-dir s3://bucket/runs   (prints RUN_ID)
+      shardgen worker --devices all                                (one per node)
       shardgen status RUN_ID --watch
       shardgen collect RUN_ID -o results.parquet
     """
@@ -131,11 +155,12 @@ def cli() -> None:
 # ---------------------------------------------------------------- run
 @cli.command()
 @input_options
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Result file; .parquet or .jsonl chooses the format.")
+@click.option("-o", "--output", help="Result file or URL (s3://..., gs://...); .parquet or .jsonl chooses the format.")
 @model_options
 @hf_token_option
 @generation_options
 @runtime_options
+@storage_option
 @click.option("--compile", is_flag=True, default=None, help="torch.compile the decode step where it helps.")
 @click.option("--show", type=int, default=5, show_default=True, help="Result rows to show in the closing table (0: none).")
 @config_option
@@ -143,8 +168,9 @@ def cli() -> None:
 def run(show: int, **kwargs: Any) -> None:
     """Generate for every row of INPUT in this process (no Redis, no workers) and write OUTPUT.
 
-    INPUT is a .jsonl/.json/.csv/.parquet file, a save_to_disk directory or a hub dataset name.
-    An interrupted run resumes from OUTPUT.parts when started again with the same settings.
+    INPUT is a .jsonl/.json/.csv/.parquet file or URL, a save_to_disk directory or a hub dataset name.
+    Finished shards wait in OUTPUT.parts until the end: an interrupted run resumes from there when started
+    again with the same settings.
     """
     quiet_libraries()
     from .embedded import run_embedded
@@ -153,9 +179,10 @@ def run(show: int, **kwargs: Any) -> None:
     if not options.get("output"):
         raise ShardgenError("no output file given", "pass -o results.parquet (or .jsonl)")
     spec = config_mod.build_run_spec(options)
+    output = str(options["output"])
     summary = run_embedded(
         spec,
-        Path(options["output"]),
+        output,
         device=options.get("device") or "auto",
         batch_size=_positive(options.get("batch_size", 16), "batch_size"),
         hf_token=options.get("hf_token"),
@@ -165,7 +192,7 @@ def run(show: int, **kwargs: Any) -> None:
     from .display import human_bytes, human_duration, key_value_table
 
     if show > 0:
-        _show_results(Path(options["output"]), spec.columns.output_column, show)
+        _show_results(output, spec.columns.output_column, show)
     out.print(
         key_value_table(
             "summary",
@@ -186,15 +213,16 @@ def run(show: int, **kwargs: Any) -> None:
         console.print(f"[yellow]{summary.rows_failed} row(s) failed; their errors are in the `error` column")
 
 
-def _show_results(path: Path, output_column: str, limit: int) -> None:
-    import pyarrow.parquet as pq
+def _show_results(output: str, output_column: str, limit: int) -> None:
+    from shardgen.workers.storage import read_table
+    from shardgen.workers.storage.files import open_input
 
     from .display import rows_table
 
-    if path.suffix == ".parquet":
-        table = pq.read_table(path).slice(0, limit).to_pylist()
+    if output.endswith(".parquet"):
+        table = read_table(output).slice(0, limit).to_pylist()
     else:
-        with open(path, encoding="utf-8") as handle:
+        with open_input(output) as handle:
             table = [json.loads(line) for _, line in zip(range(limit), handle)]
     with_truth = any(r.get("ground_truth") is not None for r in table)
     columns = ["id", output_column, *(["ground truth"] if with_truth else []), "finish", "tokens"]
@@ -225,80 +253,73 @@ def _positive(value: Any, name: str) -> int:
 # ---------------------------------------------------------------- submit
 @cli.command()
 @input_options
-@click.option("--work-dir", type=click.Path(file_okay=False), help="Where workers write result shards (DIR/RUN_ID/); shared by all hosts.")
+@click.option("--work-dir", help="Directory or URL (s3://bucket/runs) every worker can read and write; the run lives in WORK_DIR/RUN_ID/.")
 @model_options
 @generation_options
 @click.option("--max-retries", type=int, help="Retries of a failing shard before it is marked failed [default: 3].")
 @broker_option
-@click.option("--resume", "resume_id", metavar="RUN_ID", help="Redo only the shards of RUN_ID without a complete result (same settings required).")
-@click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON instead of the run id.")
+@storage_option
+@click.option("--resume", "resume_id", metavar="RUN_ID", help="Redo only the shards of RUN_ID without a result (same settings required).")
+@click.option("--json", "as_json", is_flag=True, help="Print the run's status as JSON instead of the run id.")
 @config_option
 @one_line_errors
 def submit(as_json: bool, resume_id: str | None, **kwargs: Any) -> None:
-    """Shard INPUT into generation jobs on Redis for `shardgen worker` processes; print the run id.
+    """Stage INPUT in the work directory and queue one job per shard on Redis; print the run id.
 
-    Shards carry their rows in the message, so workers need no access to INPUT; they do need to write
-    to --work-dir (a shared filesystem).
+    The input is read once and written to WORK_DIR/RUN_ID/input/ as Parquet, so workers need no access to
+    INPUT, and Redis holds only metadata. Workers read their shard there and write their results beside it.
     """
     quiet_libraries()
-    from shardgen.workers.redis_conn import broker_url
-    from shardgen.workers.lifecycle.store import RunStore
+    from shardgen.workers.lifecycle import run_status
+    from shardgen.workers.storage.files import describe
 
-    from .status import status_dict
-    from .submit import submit_run
+    from .submit import resume_run, submit_run
 
     options = _collect_options(kwargs)
     if not options.get("work_dir"):
-        raise ShardgenError("no work directory given", "pass --work-dir DIR, a directory every worker can write")
+        raise ShardgenError("no work directory given", "pass --work-dir DIR (or s3://bucket/prefix), a location every worker can write")
     spec = config_mod.build_run_spec(options)
-    url = broker_url(options.get("broker"))
-    store = RunStore(url)
+    store = _store(options.get("broker"))
+    work_dir = describe(str(options["work_dir"]))
     if resume_id:
-        spec = _resume(store, url, resume_id, spec, Path(options["work_dir"]))
+        submitted = resume_run(spec, resume_id, work_dir, store)
+        console.print(f"resuming run {resume_id}: {submitted.requeued} of {submitted.shards} shard(s) queued again")
     else:
-        submit_run(spec, Path(options["work_dir"]), store, url, console)
+        submitted = submit_run(spec, work_dir, store, console)
+    run_id = submitted.spec.run_id
     if as_json:
-        out.print_json(json.dumps({**status_dict(store.record(spec.run_id)), "spec": spec.to_dict()}))
-    else:
-        out.print(spec.run_id, highlight=False)
-        console.print(f"queued on {spec.model.queue}; start workers with `shardgen worker --model {spec.model.model}" + (f" --quantize {spec.model.quantize}`" if spec.model.quantize != "none" else "`"))
-
-
-def _resume(store: Any, url: str, run_id: str, spec: Any, work_dir: Path) -> Any:
-    from .submit import requeue, shards_to_redo
-
-    record = store.record(run_id)
-    difference = record.spec.difference(spec)
-    if difference:
-        raise ShardgenError(f"cannot resume run {run_id} with a different {difference}", "resume with the original settings, or submit a new run")
-    if Path(record.work_dir).resolve() != work_dir.expanduser().resolve():
-        raise ShardgenError(f"run {run_id} writes to {record.work_dir}, not {work_dir}", f"pass --work-dir {record.work_dir}")
-    redo = shards_to_redo(record)
-    requeue(store, url, record, redo)
-    console.print(f"resuming run {run_id}: {len(redo)} of {record.shards_total} shard(s) queued again")
-    return record.spec
+        out.print_json(json.dumps({**run_status(store.record(run_id), time.time()), "spec": submitted.spec.to_dict()}))
+        return
+    out.print(run_id, highlight=False, soft_wrap=True)
+    model = submitted.spec.model
+    console.print(
+        f"{submitted.rows:,} rows in {submitted.shards:,} shards queued on {submitted.queue}; serve it with "
+        f"`shardgen worker --model {model.model}" + (f" --quantize {model.quantize}`" if model.quantize != "none" else "`"),
+        highlight=False, soft_wrap=True,
+    )
 
 
 @cli.command()
 @click.argument("run_id")
 @broker_option
+@storage_option
 @one_line_errors
-def retry(run_id: str, broker: str | None) -> None:
-    """Queue RUN_ID's failed, cancelled, lost and missing shards again (rows come from Redis)."""
-    from shardgen.workers.redis_conn import broker_url
-    from shardgen.workers.lifecycle.store import RunStore
+def retry(run_id: str, broker: str | None, storage_options: str | None) -> None:
+    """Queue RUN_ID's failed, cancelled and lost shards again, and done ones whose result is gone.
 
-    from .submit import requeue, shards_to_redo
+    Workers read their input from the run's staged copy, so the original input is not needed.
+    """
+    from shardgen.schemas.layout import RunLayout
+    from shardgen.workers.lifecycle import redo_run
 
-    url = broker_url(broker)
-    store = RunStore(url)
-    record = store.record(run_id)
-    redo = shards_to_redo(record)
-    if not redo:
+    _use_storage_options(storage_options)
+    store = _store(broker)
+    record = store.record(run_id, details=False)
+    requeued = redo_run(store, store.wakeups(), RunLayout(record.work_dir, run_id, record.spec.shard_size))
+    if not requeued:
         console.print(f"run {run_id} has nothing to retry: every shard is done or running")
         return
-    requeue(store, url, record, redo)
-    console.print(f"queued {len(redo)} shard(s) of run {run_id} again: {redo[:20]}{' ...' if len(redo) > 20 else ''}")
+    console.print(f"queued {requeued} shard(s) of run {run_id} again")
 
 
 @cli.command()
@@ -307,12 +328,11 @@ def retry(run_id: str, broker: str | None) -> None:
 @one_line_errors
 def cancel(run_id: str, broker: str | None) -> None:
     """Stop RUN_ID: queued shards are dropped, running ones stop at their next step. `retry` resumes it."""
-    from shardgen.workers.redis_conn import broker_url
-    from shardgen.workers.lifecycle.store import RunStore
+    from shardgen.schemas.states import RunState
 
-    store = RunStore(broker_url(broker))
-    if not store.cancel(run_id):
-        raise ShardgenError(f"run {run_id} has already ended ({store.record(run_id, with_shards=False).state})", "nothing to cancel")
+    state = _store(broker).cancel(run_id)
+    if state is not RunState.CANCELLED:
+        raise ShardgenError(f"run {run_id} has already ended ({state.value})", "nothing to cancel")
     console.print(f"run {run_id} cancelled")
 
 
@@ -323,11 +343,14 @@ def cancel(run_id: str, broker: str | None) -> None:
 @runtime_options
 @click.option("--compile", is_flag=True, default=None, help="torch.compile the decode step where it helps.")
 @broker_option
+@storage_option
+@click.option("--grace-seconds", type=click.FloatRange(min=0), default=25.0, show_default=True,
+              help="On SIGTERM/SIGINT, let the running shard finish for this long, then give it back to its queue at once.")
 @click.option("--loglevel", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @click.option("--name", "node_name", help="Worker node name [default: shardgen-MODEL-DEVICE@HOST].")
 @config_option
 @one_line_errors
-def worker(loglevel: str, node_name: str | None, **kwargs: Any) -> None:
+def worker(loglevel: str, node_name: str | None, grace_seconds: float, **kwargs: Any) -> None:
     """Serve one model on one device: load it once, then process shards from its queue until stopped.
 
     Start one per GPU (`--device cuda:0`, `cuda:1`, ...) on any host that reaches the broker.
@@ -346,6 +369,7 @@ def worker(loglevel: str, node_name: str | None, **kwargs: Any) -> None:
         compile=bool(options.get("compile")),
         loglevel=loglevel,
         node_name=node_name,
+        grace_s=grace_seconds,
         console=console,
     )
 
@@ -354,86 +378,97 @@ def worker(loglevel: str, node_name: str | None, **kwargs: Any) -> None:
 @cli.command()
 @click.argument("run_id", required=False)
 @broker_option
-@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable record (state, rows_total, rows_done, ...).")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable record (state, rows_total, rows_done, queue_depth, workers, ...).")
 @click.option("--watch", is_flag=True, help="Refresh until the run ends.")
 @click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds between refreshes with --watch.")
 @one_line_errors
 def status(run_id: str | None, broker: str | None, as_json: bool, watch: bool, interval: float) -> None:
-    """Show a run's shards (queued/running/done/failed), rows, tokens/s, ETA and workers.
+    """Show a run's shards (queued/running/done/failed), rows, tokens/s, ETA, its queue and live workers.
 
     Without RUN_ID, list recent runs. Exit code with --watch: 0 when the run is done, 1 when it failed
     or was cancelled.
     """
-    from shardgen.workers.redis_conn import broker_url
-    from shardgen.workers.lifecycle.store import RunStore
+    from .status import runs_table, status_view
 
-    from .status import runs_table, status_dict, status_view
-
-    store = RunStore(broker_url(broker))
+    store = _store(broker)
     if run_id is None:
-        records = [store.record(r, with_shards=False) for r in store.run_ids()]
+        records = [store.record(r, details=False) for r in store.run_ids()]
         if as_json:
-            out.print_json(json.dumps([{"run_id": r.run_id, "state": r.state, "rows_total": r.rows_total, "rows_done": r.rows_done} for r in records]))
+            out.print_json(json.dumps([{"run_id": r.run_id, "state": r.state.value, "rows_total": r.rows_total, "rows_done": r.rows_done} for r in records]))
         else:
             out.print(runs_table(records))
         return
-    record = store.record(run_id)
+    current = _run_status(store, run_id)
     if as_json and not watch:
-        out.print_json(json.dumps(status_dict(record)))
+        out.print_json(json.dumps(current))
         return
     if not watch:
-        out.print(status_view(status_dict(record)))
+        out.print(status_view(current))
         return
-    with Live(status_view(status_dict(record)), console=out, refresh_per_second=4) as live:
+    with Live(status_view(current), console=out, refresh_per_second=4) as live:
         unreachable_since: float | None = None
-        while not record.finished:
+        while current["finished_at"] is None:
             time.sleep(interval)
             try:
-                record = store.record(run_id)
+                current = _run_status(store, run_id)
                 unreachable_since = None
             except Exception as exc:  # Redis restarting: keep watching for a while before giving up
                 unreachable_since = unreachable_since or time.time()
                 if time.time() - unreachable_since > 120:
                     raise BrokerError(f"lost Redis for 2 minutes while watching run {run_id}: {exc}", "check the broker and watch again") from None
                 continue
-            live.update(status_view(status_dict(record)))
+            live.update(status_view(current))
     if as_json:
-        out.print_json(json.dumps(status_dict(record)))
-    sys.exit(0 if record.state == "done" else 1)
+        out.print_json(json.dumps(current))
+    sys.exit(0 if current["state"] == "done" else 1)
+
+
+def _run_status(store: Any, run_id: str) -> dict[str, Any]:
+    from shardgen.workers.lifecycle import run_status
+
+    record = store.record(run_id)
+    return run_status(record, time.time(), queue_depth=store.queue_depth(record.queue), workers=store.workers())
 
 
 # ---------------------------------------------------------------- collect
 @cli.command()
 @click.argument("run_id")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Merged result; .parquet or .jsonl.")
-@click.option("--work-dir", type=click.Path(file_okay=False), help="Work directory of the run [default: the one recorded at submit].")
+@click.option("-o", "--output", required=True, help="Merged result, a file or URL; .parquet or .jsonl.")
+@click.option("--work-dir", help="Work directory of the run: read it from WORK_DIR/RUN_ID/ without Redis [default: ask Redis].")
 @click.option("--allow-partial", is_flag=True, help="Write what is there even if rows are missing or failed (exit 0).")
 @broker_option
+@storage_option
 @one_line_errors
-def collect(run_id: str, output: str, work_dir: str | None, allow_partial: bool, broker: str | None) -> None:
+def collect(run_id: str, output: str, work_dir: str | None, allow_partial: bool, broker: str | None,
+            storage_options: str | None) -> None:
     """Merge RUN_ID's result shards into one file in input order, checking every row appears once.
 
     Missing or failed rows are listed and make the exit code non-zero unless --allow-partial.
-    With --work-dir the run is read from DIR/RUN_ID/run.json and Redis is not needed.
+    With --work-dir the run is read from WORK_DIR/RUN_ID/run.json and Redis is not needed.
     """
-    from shardgen.schemas.errors import RunNotFound
+    from shardgen.schemas.errors import IncompleteRun, RunNotFound
+    from shardgen.schemas.layout import RunLayout, join
     from shardgen.schemas.shard import check_run_id
+    from shardgen.workers.storage import read_run_file
 
     from .collect import collect as collect_run
-    from .collect import read_run_file
+    from .collect import output_format
     from .display import rows_table
 
     check_run_id(run_id)
+    output_format(output)
+    _use_storage_options(storage_options)
+    recorded: dict[int, str] = {}
     if work_dir is None:
-        from shardgen.workers.redis_conn import broker_url
-        from shardgen.workers.lifecycle.store import RunStore
-
-        work_dir = RunStore(broker_url(broker)).record(run_id, with_shards=False).work_dir
-    recorded = read_run_file(Path(work_dir) / run_id)
-    if recorded is None:
+        store = _store(broker)
+        work_dir = store.record(run_id, details=False).work_dir
+        recorded = {s.index: s.result for s in store.shards(run_id) if s.result}
+    found = read_run_file(join(work_dir, run_id))
+    if found is None:
         raise RunNotFound(f"no run {run_id} in {work_dir}", "check the run id and --work-dir")
-    spec, rows_total, shards_total = recorded
-    report = collect_run(Path(work_dir) / run_id, spec, rows_total, shards_total, Path(output), allow_partial=allow_partial)
+    spec, rows_total, shards_total = found
+    layout = RunLayout(work_dir, run_id, spec.shard_size)
+    report = collect_run(layout, spec, rows_total, shards_total, output, allow_partial=allow_partial, recorded_results=recorded)
     if report.failed_rows:
         out.print(rows_table("failed rows", ["row", "id", "error"], [(r["row_index"], r["id"], r["error"]) for r in report.failed_rows[:50]]))
     if report.missing_rows:
@@ -441,8 +476,6 @@ def collect(run_id: str, output: str, work_dir: str | None, allow_partial: bool,
     if report.written:
         console.print(f"wrote {report.rows_written:,} of {rows_total:,} rows to {report.output}")
     if not report.complete and not allow_partial:
-        from shardgen.schemas.errors import IncompleteRun
-
         raise IncompleteRun(
             f"run {run_id} is incomplete: {len(report.missing_rows)} row(s) missing, {len(report.failed_rows)} failed",
             f"nothing written; retry with `shardgen retry {run_id}`, or write what is there with --allow-partial",

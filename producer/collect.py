@@ -1,35 +1,37 @@
-"""Merge a run's result shards into one Parquet or JSONL file, in input order, every row exactly once."""
+"""Merge a run's results into one Parquet or JSONL file, in input order, every row exactly once.
+
+Shards are read one at a time, in index order, and streamed into one writer, so memory holds one shard
+whatever the size of the run. Each shard must hold exactly the input rows of its slice; a missing shard, or
+rows that failed, are reported, and nothing is written unless every row is there (or allow_partial).
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shardgen.schemas.errors import InputError
+from shardgen.schemas.errors import InputError, StorageError
+from shardgen.schemas.layout import RunLayout, part_name
 from shardgen.schemas.results import decode_metadata, meta_key
 from shardgen.schemas.run import RunSpec
-from shardgen.schemas.shard import shard_file_name
+from shardgen.workers.lifecycle import present_results
+from shardgen.workers.storage import check_location, open_output, read_table
 
-RUN_FILE = "run.json"
 OUTPUT_FORMATS = (".parquet", ".jsonl")
 
 
 @dataclass
 class CollectReport:
-    output: Path
+    output: str
     rows_total: int
-    rows_written: int
+    rows_written: int = 0
     missing_rows: list[int] = field(default_factory=list)
     missing_shards: list[int] = field(default_factory=list)
     failed_rows: list[dict[str, Any]] = field(default_factory=list)
-    generated_tokens: int = 0
     written: bool = False
 
     @property
@@ -37,84 +39,125 @@ class CollectReport:
         return not self.missing_rows and not self.failed_rows
 
 
-def check_output_path(path: str | Path) -> Path:
-    path = Path(path)
-    if path.suffix.lower() not in OUTPUT_FORMATS:
-        raise InputError(f"cannot tell the output format of {path}", "end the output name with .parquet or .jsonl")
+class _Incomplete(Exception):
+    """Raised inside the output block to throw the partial output away."""
+
+
+def output_format(output: str) -> str:
+    check_location(output, "output")
+    suffix = "." + output.rsplit(".", 1)[-1].lower() if "." in output.rsplit("/", 1)[-1] else ""
+    if suffix not in OUTPUT_FORMATS:
+        raise InputError(f"cannot tell the output format of {output}", "end the output name with .parquet or .jsonl")
+    return suffix
+
+
+def collect(
+    layout: RunLayout,
+    spec: RunSpec,
+    rows_total: int,
+    shards_total: int,
+    output: str,
+    *,
+    allow_partial: bool = False,
+    recorded_results: Mapping[int, str] | None = None,
+    transform: Callable[[pa.Table], pa.Table] | None = None,
+) -> CollectReport:
+    """Check and merge every shard; `recorded_results` (shard -> object the run store recorded as its result)
+    finds results not yet published under their part name; `transform` may add columns to each shard."""
+    fmt = output_format(output)
+    report = CollectReport(output, rows_total)
+    locations = _result_locations(layout, shards_total, recorded_results or {})
+    report.missing_shards = [index for index, location in enumerate(locations) if location is None]
+    for index in report.missing_shards:
+        report.missing_rows.extend(layout.shard_rows(index, rows_total))
+    if len(report.missing_shards) == shards_total:
+        return report
+    metadata = {meta_key("run_id"): spec.run_id.encode(), meta_key("model"): spec.model.model.encode(),
+                meta_key("params"): spec.params.to_json().encode()}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create output directory {path.parent}: {exc.strerror}", "pass a writable -o path") from None
-    return path
-
-
-def write_run_file(run_dir: Path, spec: RunSpec, rows_total: int, shards_total: int) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    record = {"spec": spec.to_dict(), "rows_total": rows_total, "shards_total": shards_total}
-    temp = run_dir / f".{RUN_FILE}.{uuid.uuid4().hex}"
-    temp.write_text(json.dumps(record, indent=2), encoding="utf-8")
-    os.replace(temp, run_dir / RUN_FILE)
-
-
-def read_run_file(run_dir: Path) -> tuple[RunSpec, int, int] | None:
-    path = run_dir / RUN_FILE
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text(encoding="utf-8"))
-    return RunSpec.from_dict(record["spec"]), int(record["rows_total"]), int(record["shards_total"])
-
-
-def collect(run_dir: Path, spec: RunSpec, rows_total: int, shards_total: int, output: Path, *, allow_partial: bool = False) -> CollectReport:
-    """Check the shards; write OUTPUT when every row is there (or allow_partial). The report lists the rest."""
-    output = check_output_path(output)
-    tables, missing_shards = [], []
-    for index in range(shards_total):
-        path = run_dir / shard_file_name(index)
-        if not path.is_file():
-            missing_shards.append(index)
-            continue
-        table = pq.read_table(path)
-        found = decode_metadata(table.schema.metadata).get("run_id")
-        if found != spec.run_id:
-            raise InputError(f"{path} belongs to run {found}, not {spec.run_id}", "remove the stray file or collect the right run")
-        tables.append(table.replace_schema_metadata(None))
-    merged = pa.concat_tables(tables, promote_options="permissive") if tables else None
-    report = CollectReport(output, rows_total, 0, missing_shards=missing_shards)
-    if merged is not None:
-        merged = merged.sort_by("row_index")
-        indices = merged.column("row_index").to_pylist()
-        if len(set(indices)) != len(indices):
-            raise InputError(f"run {spec.run_id} has rows recorded twice in {run_dir}", "remove duplicate part files and collect again")
-        seen = set(indices)
-        report.missing_rows = [i for i in range(rows_total) if i not in seen]
-        errors = merged.column("error").to_pylist()
-        ids = merged.column("id").to_pylist()
-        report.failed_rows = [
-            {"row_index": index, "id": row_id, "error": error}
-            for index, row_id, error in zip(indices, ids, errors)
-            if error is not None
-        ]
-        report.rows_written = merged.num_rows
-        report.generated_tokens = sum(merged.column("generated_tokens").to_pylist())
-    else:
-        report.missing_rows = list(range(rows_total))
-    if merged is not None and (report.complete or allow_partial):
-        report.written = True
-        metadata = {meta_key("run_id"): spec.run_id.encode(), meta_key("model"): spec.model.model.encode(), meta_key("params"): spec.params.to_json().encode()}
-        write_output(merged.replace_schema_metadata(metadata), output)
+        with open_output(output) as handle:
+            sink = _ParquetSink(handle, metadata) if fmt == ".parquet" else _JsonlSink(handle)
+            for index, location in enumerate(locations):
+                if location is None:
+                    continue
+                table = _checked_shard(read_table(location), location, spec, layout.shard_rows(index, rows_total))
+                report.failed_rows.extend(_failed_rows(table))
+                sink.write(transform(table) if transform else table)
+                report.rows_written += table.num_rows
+            sink.close()
+            if not (report.complete or allow_partial):
+                raise _Incomplete
+    except _Incomplete:
+        return report
+    report.written = True
     return report
 
 
-def write_output(table: pa.Table, output: Path) -> None:
-    temp = output.with_name(f".{output.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        if output.suffix.lower() == ".parquet":
-            pq.write_table(table, temp)
+def _result_locations(layout: RunLayout, shards_total: int, recorded: Mapping[int, str]) -> list[str | None]:
+    present = present_results(layout)
+    locations: list[str | None] = []
+    for index in range(shards_total):
+        if part_name(index) in present:
+            locations.append(layout.part(index))
+        elif index in recorded and recorded[index].rstrip("/").rsplit("/", 1)[-1] in present:
+            locations.append(recorded[index])
         else:
-            with open(temp, "w", encoding="utf-8") as handle:
-                for batch in table.to_batches(max_chunksize=4096):
-                    for record in batch.to_pylist():
-                        handle.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
-        os.replace(temp, output)
-    finally:
-        temp.unlink(missing_ok=True)
+            locations.append(None)
+    return locations
+
+
+def _checked_shard(table: pa.Table, location: str, spec: RunSpec, expected: range) -> pa.Table:
+    found = decode_metadata(table.schema.metadata).get("run_id")
+    if found != spec.run_id:
+        raise InputError(f"{location} belongs to run {found}, not {spec.run_id}", "remove the stray file or collect the right run")
+    indices = table.column("row_index").to_pylist()
+    if indices != list(expected):
+        raise InputError(
+            f"{location} holds rows {indices[:1]}..{indices[-1:]} ({len(indices)}), not rows {expected.start}..{expected.stop - 1}",
+            "remove the stray file and run `shardgen retry` for its shard",
+        )
+    return table.replace_schema_metadata(None)
+
+
+def _failed_rows(table: pa.Table) -> list[dict[str, Any]]:
+    errors = table.column("error")
+    if errors.null_count == table.num_rows:
+        return []
+    failed = table.filter(errors.is_valid()).select(["row_index", "id", "error"])
+    return failed.to_pylist()
+
+
+class _ParquetSink:
+    """One Parquet writer; shards whose inferred types differ from the first one's are cast to its schema."""
+
+    def __init__(self, handle: IO[bytes], metadata: dict[bytes, bytes]):
+        self.handle, self.metadata = handle, metadata
+        self.writer: pq.ParquetWriter | None = None
+
+    def write(self, table: pa.Table) -> None:
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.handle, table.schema.with_metadata(self.metadata))
+        schema = self.writer.schema
+        if not table.schema.equals(schema, check_metadata=False):
+            try:
+                table = table.cast(schema)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise StorageError(f"shard columns differ in type and cannot be merged: {exc}", "collect to .jsonl instead") from None
+        self.writer.write_table(table)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class _JsonlSink:
+    def __init__(self, handle: IO[bytes]):
+        self.handle = handle
+
+    def write(self, table: pa.Table) -> None:
+        for batch in table.to_batches(max_chunksize=4096):
+            lines = [json.dumps(record, ensure_ascii=False, default=str) for record in batch.to_pylist()]
+            self.handle.write(("\n".join(lines) + "\n").encode())
+
+    def close(self) -> None:
+        pass

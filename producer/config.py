@@ -28,16 +28,20 @@ CONFIG_ALIASES = {
     "dataset": "input",
     "output_file": "output",
     "split_name": "split",
+    "config_name": "subset",
+    "dataset_config": "subset",
 }
 TABLES = ("generation", "sampling", "params", "model", "columns", "run", "worker")
 
 COLUMN_FIELDS = {f.name for f in dataclasses.fields(ColumnMapping)}
 MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelSpec)}
 PARAM_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)} | set(PARAM_ALIASES) | {"do_sample"}
-RUN_FIELDS = {"input", "split", "limit", "shard_size", "chat_template", "max_prompt_tokens", "max_retries"}
-RUNTIME_FIELDS = {"device", "batch_size", "work_dir", "broker", "output", "hf_token", "allow_partial", "compile"}
+RUN_FIELDS = {"input", "split", "subset", "revision", "limit", "shard_size", "chat_template", "max_prompt_tokens", "max_retries"}
+RUNTIME_FIELDS = {"device", "batch_size", "work_dir", "broker", "output", "hf_token", "allow_partial", "compile", "storage_options"}
+MODEL_OPTIONS = (MODEL_FIELDS - {"revision"}) | {"model_revision"}
+"""ModelSpec's fields as options; its `revision` is `model_revision` (`revision` names the dataset's)."""
 BNB_SHORTCUTS = {"load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype"}
-ALL_FIELDS = COLUMN_FIELDS | MODEL_FIELDS | PARAM_FIELDS | RUN_FIELDS | RUNTIME_FIELDS
+ALL_FIELDS = COLUMN_FIELDS | MODEL_OPTIONS | PARAM_FIELDS | RUN_FIELDS | RUNTIME_FIELDS
 
 
 def load_config(path: str | Path | None) -> dict[str, Any]:
@@ -62,7 +66,13 @@ def normalize(raw: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
             if not isinstance(value, Mapping):
                 raise InvalidParameter(f"quantization_config in {source} must be a table")
             quantization.update(value)
+        elif key == "storage_options":
+            if not isinstance(value, Mapping):
+                raise InvalidParameter(f"storage_options in {source} must be a table")
+            flat[key] = dict(value)
         elif key in TABLES and isinstance(value, Mapping):
+            if key == "model" and "revision" in value:  # inside [model], revision is the model's
+                value = {("model_revision" if k == "revision" else k): v for k, v in value.items()}
             nested = normalize(value, source)
             quantization.update(nested.pop("quantization_config", {}))
             flat.update(nested)
@@ -86,6 +96,10 @@ def merge(file_options: Mapping[str, Any], flag_options: Mapping[str, Any]) -> d
             continue
         if key == "quantization_config":
             value = {**merged.get(key, {}), **parse_quantization_config(value)}
+        if key == "storage_options":
+            from shardgen.workers.storage.files import parse_storage_options
+
+            value = {**merged.get(key, {}), **parse_storage_options(value)}
         merged[key] = value
     return merged
 
@@ -110,7 +124,10 @@ def _given(options: Mapping[str, Any], names: set[str]) -> dict[str, Any]:
 
 def build_model_spec(options: Mapping[str, Any]) -> ModelSpec:
     """The validated ModelSpec for merged options (run, submit and worker share it)."""
-    return ModelSpec(**_given(options, MODEL_FIELDS))
+    fields = _given(options, MODEL_OPTIONS)
+    if "model_revision" in fields:
+        fields["revision"] = fields.pop("model_revision")
+    return ModelSpec(**fields)
 
 
 def build_run_spec(options: Mapping[str, Any], **fixed: Any) -> RunSpec:

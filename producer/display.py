@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any, Iterable, Sequence
 
 from rich.console import Console
@@ -53,16 +52,21 @@ class RowProgress:
 def key_value_table(title: str, items: Iterable[tuple[str, Any]]) -> Table:
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
-    table.add_column(justify="right")
+    table.add_column(justify="right", no_wrap=True)
     for key, value in items:
         table.add_row(key, str(value))
     return table
 
 
-def rows_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], *, max_width: int = 60) -> Table:
+def rows_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], *, max_width: int = 60,
+               no_wrap: Sequence[str] = ()) -> Table:
+    """A table of rows; columns named in `no_wrap` (ids people copy) are never split over lines."""
     table = Table(title=title, title_justify="left", show_lines=False)
     for name in columns:
-        table.add_column(name, overflow="fold", max_width=max_width)
+        if name in no_wrap:
+            table.add_column(name, no_wrap=True, min_width=len(name))
+        else:
+            table.add_column(name, overflow="fold", max_width=max_width)
     for row in rows:
         table.add_row(*[_cell(v, max_width) for v in row])
     return table
@@ -90,6 +94,3 @@ def human_bytes(count: float) -> str:
         count /= 1024
     return f"{count} B"
 
-
-def now() -> float:
-    return time.time()

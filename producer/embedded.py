@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import os
 import resource
-import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from rich.console import Console
 
-from shardgen.schemas.errors import InvalidParameter
+from shardgen.schemas.layout import RunLayout, is_url, join, shard_count
+from shardgen.schemas.rows import shard_from_table
 from shardgen.schemas.run import RunSpec
-from shardgen.workers.generators import make_generator
-from shardgen.workers.models.loader import load_model
-from shardgen.workers.process_shard import process_shard
-from shardgen.workers.writer import shard_path
+from shardgen.workers import load_model, make_generator, process_shard
+from shardgen.workers.lifecycle import check_resumable, unfinished_shards
+from shardgen.workers.storage import (
+    check_writable,
+    list_names,
+    new_attempt_token,
+    publish_result,
+    read_run_file,
+    remove_tree,
+    write_run_file,
+)
 
-from .collect import CollectReport, check_output_path, collect, read_run_file, write_run_file
-from .dataset import iter_shards, load_dataset_table, resolve_columns, shard_count
+from .collect import CollectReport, collect, output_format
+from .dataset import read_input
 from .display import RowProgress
 
 
@@ -40,13 +47,13 @@ class RunSummary:
         return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def parts_dir_for(output: Path) -> Path:
-    return output.with_name(output.name + ".parts")
+def parts_dir_for(output: str) -> str:
+    return output + ".parts"
 
 
 def run_embedded(
     spec: RunSpec,
-    output: Path,
+    output: str | os.PathLike,
     *,
     device: str = "auto",
     batch_size: int = 16,
@@ -55,37 +62,45 @@ def run_embedded(
     console: Console | None = None,
 ) -> RunSummary:
     console = console or Console(stderr=True)
-    output = check_output_path(output)
-    dataset = load_dataset_table(spec.input, spec.split, spec.limit)
-    resolve_columns(spec.columns, list(dataset.column_names))  # a column error stops us before the model loads
-    rows_total = len(dataset)
-    shards_total = shard_count(rows_total, spec.shard_size)
-    started = time.perf_counter()
-    loaded = load_model(spec.model, device, hf_token)
+    output = str(output)
+    output_format(output)
+    table = read_input(spec)
     parts = parts_dir_for(output)
-    spec = _resume_or_start(spec, parts, rows_total, shards_total, console)
-    run_dir = parts / spec.run_id
+    check_writable(parent_of(output), "output directory")
+    rows_total = table.num_rows
+    shards_total = shard_count(rows_total, spec.shard_size)
+    previous = _previous_run(spec, parts)
+    started = time.perf_counter()
+    loaded = load_model(spec.model, device, hf_token)  # a model that cannot load leaves nothing behind
+    if previous is not None:
+        spec = previous
+        console.print(f"resuming run {spec.run_id} from {join(parts, spec.run_id)}")
+    layout = RunLayout(parts, spec.run_id, spec.shard_size)
+    if previous is None:
+        write_run_file(layout, spec, rows_total, shards_total)
+    todo = unfinished_shards(layout, shards_total)
     if loaded.info.get("note"):
         console.print(f"[yellow]{loaded.info['note']}")
     generator = make_generator(loaded, batch_size, compile=compile)
     console.print(f"model {spec.model.model} ({loaded.source}) on {loaded.device}, quantize={spec.model.quantize}, loaded in {loaded.load_time_s:.1f}s")
-    totals = {"rows_failed": 0, "prompt_tokens": 0, "generated_tokens": 0, "resumed": 0}
+    totals = {"rows_failed": 0, "prompt_tokens": 0, "generated_tokens": 0}
     with RowProgress(console, rows_total) as progress:
-        for shard in iter_shards(spec, dataset):
-            if shard_path(run_dir, shard.index).is_file():
-                totals["resumed"] += 1
-                progress.advance(len(shard.rows))
-                continue
+        progress.advance(rows_total - sum(len(layout.shard_rows(i, rows_total)) for i in todo))
+        for index in todo:
+            rows = table.slice(index * spec.shard_size, spec.shard_size)
+            location = layout.attempt_part(index, new_attempt_token(1))
             outcome = process_shard(
-                shard, spec, loaded, generator, run_dir, on_row=lambda out: progress.advance(1, out.generated_tokens)
+                shard_from_table(spec, index, rows), spec, loaded, generator, location,
+                on_row=lambda out: progress.advance(1, out.generated_tokens),
             )
+            publish_result(layout, index, location)
             totals["rows_failed"] += outcome.rows_failed
             totals["prompt_tokens"] += outcome.prompt_tokens
             totals["generated_tokens"] += outcome.generated_tokens
     seconds = time.perf_counter() - started
-    report = collect(run_dir, spec, rows_total, shards_total, output, allow_partial=True)
+    report = collect(layout, spec, rows_total, shards_total, output, allow_partial=True)
     if report.complete or not report.missing_rows:
-        shutil.rmtree(parts, ignore_errors=True)
+        remove_tree(parts)
     return RunSummary(
         spec=spec,
         report=report,
@@ -96,27 +111,22 @@ def run_embedded(
         seconds=seconds,
         load_seconds=loaded.load_time_s,
         peak_memory_bytes=peak_memory_bytes(loaded.device),
-        resumed_shards=totals["resumed"],
+        resumed_shards=shards_total - len(todo),
     )
 
 
-def _resume_or_start(spec: RunSpec, parts: Path, rows_total: int, shards_total: int, console: Console) -> RunSpec:
-    """Reuse the unfinished run in OUT.parts when it is the same job; refuse when it differs."""
-    if parts.is_dir():
-        for run_dir in sorted(p for p in parts.iterdir() if p.is_dir()):
-            previous = read_run_file(run_dir)
-            if previous is None:
-                continue
-            difference = previous[0].difference(spec)
-            if difference:
-                raise InvalidParameter(
-                    f"{parts} holds an unfinished run with a different {difference}",
-                    "run again with the same settings to resume it, or delete that directory to start over",
-                )
-            console.print(f"resuming run {previous[0].run_id} from {run_dir}")
-            return previous[0]
-    write_run_file(parts / spec.run_id, spec, rows_total, shards_total)
-    return spec
+def parent_of(location: str) -> str:
+    return location.rsplit("/", 1)[0] if is_url(location) else os.path.dirname(os.path.abspath(os.path.expanduser(location)))
+
+
+def _previous_run(spec: RunSpec, parts: str) -> RunSpec | None:
+    """The unfinished run in OUT.parts if it is the same job (resumed); refused when it differs."""
+    for name in list_names(parts):
+        found = read_run_file(join(parts, name))
+        if found is not None:
+            check_resumable(found[0], spec, parts)
+            return found[0]
+    return None
 
 
 def peak_memory_bytes(device: str) -> int:

@@ -1,64 +1,57 @@
-"""`shardgen submit`: read and shard the dataset, record the run in Redis, enqueue one task per shard."""
+"""`shardgen submit`: stage the input once in the work directory, record the run, wake workers.
+
+The dataset is read and checked before anything is written, so bad input leaves no trace. The input is then
+written once, as Parquet, to WORK_DIR/RUN_ID/input/ (workers read their shard from there, retries and resumes
+too), run.json beside it, and the run is recorded in Redis with one entry per shard in its model's queue:
+metadata whose size grows with the number of shards, not with the rows' text.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
 from rich.console import Console
 
-from shardgen.schemas.errors import InputError
+from shardgen.schemas.layout import RunLayout, shard_count
 from shardgen.schemas.run import RunSpec
-from shardgen.schemas.shard import ShardMessage, rows_to_json
-from shardgen.workers.queue.celery_app import configure, enqueue
-from shardgen.workers.lifecycle.store import RunRecord, RunStore
-from shardgen.workers.writer import shard_path
+from shardgen.workers.lifecycle import RunStore, check_resumable, redo_run, wake_workers
+from shardgen.workers.storage import check_writable, stage_input, write_run_file
 
-from .collect import write_run_file
-from .dataset import iter_shards, load_dataset_table, shard_count
-from .display import RowProgress
+from .dataset import read_input
 
 
-def submit_run(spec: RunSpec, work_dir: Path, store: RunStore, broker: str, console: Console | None = None) -> tuple[int, int]:
-    """Returns (rows, shards). The dataset is read before anything is recorded, so bad input leaves no trace."""
+@dataclass
+class Submitted:
+    spec: RunSpec
+    rows: int
+    shards: int
+    queue: str
+    requeued: int | None = None
+    """On a resume, how many shards were queued again."""
+
+
+def submit_run(spec: RunSpec, work_dir: str, store: RunStore, console: Console | None = None) -> Submitted:
     console = console or Console(stderr=True)
-    work_dir = work_dir.expanduser().resolve()
-    try:
-        work_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create work directory {work_dir}: {exc.strerror}", "pass a writable --work-dir") from None
-    dataset = load_dataset_table(spec.input, spec.split, spec.limit)
-    shards = iter_shards(spec, dataset)
-    first = next(shards)  # column errors surface here, before the run is recorded
-    rows_total, shards_total = len(dataset), shard_count(len(dataset), spec.shard_size)
-    write_run_file(work_dir / spec.run_id, spec, rows_total, shards_total)
-    store.create_run(spec, str(work_dir))
-    app = configure(broker)
-    with RowProgress(console, rows_total, "enqueueing") as progress:
-        for shard in [first, *shards]:
-            rows_json = rows_to_json(shard.rows)
-            store.add_shard(spec.run_id, shard.index, shard.rows, rows_json)
-            enqueue(app, ShardMessage(spec.run_id, shard.index, shard.rows).to_dict(), spec.model.queue)
-            progress.advance(len(shard.rows))
-    return rows_total, shards_total
+    table = read_input(spec)
+    check_writable(work_dir, "work directory")
+    rows_total, shards_total = table.num_rows, shard_count(table.num_rows, spec.shard_size)
+    layout = RunLayout(work_dir, spec.run_id, spec.shard_size)
+    with console.status(f"staging {rows_total:,} rows in {shards_total:,} shards to {layout.input_dir}"):
+        stage_input(layout, table)
+        write_run_file(layout, spec, rows_total, shards_total)
+    queue = store.create_run(spec, work_dir, rows_total, shards_total)
+    wake_workers(store, store.wakeups(), queue)
+    return Submitted(spec, rows_total, shards_total, queue)
 
 
-def shards_to_redo(record: RunRecord) -> list[int]:
-    """Shards without a complete result: not done (and not running under a live lease), or done with no file."""
-    run_dir = Path(record.work_dir) / record.run_id
-    redo = []
-    for shard in record.shards:
-        if shard.state == "running":
-            continue
-        if shard.state != "done" or not shard_path(run_dir, shard.index).is_file():
-            redo.append(shard.index)
-    return redo
+def resume_run(spec: RunSpec, run_id: str, work_dir: str, store: RunStore) -> Submitted:
+    """Queue again only the shards of `run_id` without a result, if `spec` asks for the same results."""
+    record = store.record(run_id, details=False)
+    check_resumable(record.spec, spec, f"recorded on this broker")
+    if work_dir.rstrip("/") != record.work_dir.rstrip("/"):
+        from shardgen.schemas.errors import InvalidParameter
 
-
-def requeue(store: RunStore, broker: str, record: RunRecord, indices: list[int]) -> int:
-    """Queue these shards again from the rows kept in Redis (the input file is not needed)."""
-    count = store.reset_shards(record.run_id, indices)
-    app = configure(broker)
-    for index in indices:
-        rows = store.shard_rows(record.run_id, index)
-        enqueue(app, ShardMessage(record.run_id, index, rows, attempt=1).to_dict(), record.spec.model.queue)
-    return count
+        raise InvalidParameter(f"run {run_id} writes to {record.work_dir}, not {work_dir}", f"pass --work-dir {record.work_dir}")
+    layout = RunLayout(record.work_dir, run_id, record.spec.shard_size)
+    requeued = redo_run(store, store.wakeups(), layout)
+    return Submitted(record.spec, record.rows_total, record.shards_total, record.queue, requeued)

@@ -45,3 +45,7 @@ class IncompleteRun(ShardgenError):
 
 class MessageError(ShardgenError):
     """A queue message is malformed or foreign; it is rejected, never executed."""
+
+
+class StorageError(ShardgenError):
+    """A location cannot be read or written: missing, denied, no credentials, unknown protocol."""

@@ -12,8 +12,6 @@ from .errors import InvalidParameter
 
 QUANTIZE_METHODS = ("none", "nf4", "fp4", "int8", "gptq", "awq")
 BNB_METHODS = ("nf4", "fp4", "int8")
-PREQUANTIZED_METHODS = ("gptq", "awq")
-"""Methods that need a checkpoint quantized beforehand (or, for gptq, calibration data to make one)."""
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 GPTQ_BITS = (2, 3, 4, 8)
 
@@ -76,6 +74,7 @@ class ModelSpec:
 
     @property
     def queue(self) -> str:
+        """The Redis list of shards waiting for workers of this model and quantization (the run store's)."""
         return f"sg.q.{self.slug}"
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,23 +1,8 @@
-"""The result row and the Parquet metadata keys every result shard carries."""
+"""The Parquet metadata every result shard carries, under keys prefixed `shardgen.`."""
 
 from __future__ import annotations
 
 META_PREFIX = "shardgen."
-META_KEYS = (
-    "run_id",
-    "shard_index",
-    "attempt",
-    "rows",
-    "model",
-    "model_source",
-    "quantize",
-    "params",
-    "generator",
-    "version",
-    "host",
-    "device",
-    "worker",
-)
 
 
 def meta_key(name: str) -> bytes:

@@ -70,6 +70,10 @@ class RunSpec:
     model: ModelSpec = field(default_factory=ModelSpec)
     params: SamplingParams = field(default_factory=SamplingParams)
     split: str | None = None
+    subset: str | None = None
+    """A hub dataset's subset (its config name, e.g. `main` for openai/gsm8k)."""
+    revision: str | None = None
+    """A hub dataset's revision: branch, tag or commit."""
     limit: int | None = None
     shard_size: int = 64
     chat_template: bool = True
@@ -114,7 +118,7 @@ class RunSpec:
             "seed": (self.params.seed, other.params.seed),
             "column mapping": (self.columns, other.columns),
             "shard size": (self.shard_size, other.shard_size),
-            "split or limit": ((self.split, self.limit), (other.split, other.limit)),
+            "dataset selection": ((self.subset, self.split, self.revision, self.limit), (other.subset, other.split, other.revision, other.limit)),
             "prompt settings": ((self.chat_template, self.max_prompt_tokens), (other.chat_template, other.max_prompt_tokens)),
         }
         for name, (mine, theirs) in checks.items():

@@ -120,6 +120,18 @@ def real_loaded():
     return load_model(ModelSpec(), "cpu")
 
 
+def wait_until(condition, *, timeout: float, what: str, interval: float = 0.2):
+    """Poll `condition` until it returns something true (returned), or fail after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
 def chat_ids(tokenizer, question: str) -> list[int]:
     text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]

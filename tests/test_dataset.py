@@ -4,7 +4,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from shardgen.producer.dataset import iter_shards, load_dataset_table
+from shardgen.producer.dataset import iter_shards, read_input
+from shardgen.workers.storage import load_dataset_table
 from shardgen.schemas.errors import InputError
 from shardgen.schemas.run import ColumnMapping, RunSpec
 from tests.conftest import write_jsonl
@@ -14,7 +15,7 @@ ROWS = [{"question": f"q{i}", "answer": f"a{i}", "topic": "t", "uid": f"u{i}"} f
 
 def shards_of(source, **columns):
     spec = RunSpec(input=str(source), columns=ColumnMapping(**columns), shard_size=3)
-    return list(iter_shards(spec, load_dataset_table(str(source))))
+    return list(iter_shards(spec, read_input(spec)))
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet", "disk"])
@@ -44,7 +45,7 @@ def test_every_format_yields_the_same_rows_in_order(tmp_path, fmt):
 def test_limit_and_default_ids(tmp_path):
     source = write_jsonl(tmp_path / "d.jsonl", ROWS)
     spec = RunSpec(input=str(source), limit=4, shard_size=10)
-    rows = list(iter_shards(spec, load_dataset_table(str(source), limit=4)))[0].rows
+    rows = list(iter_shards(spec, read_input(spec)))[0].rows
     assert [r.id for r in rows] == ["0", "1", "2", "3"]
 
 

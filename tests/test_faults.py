@@ -1,14 +1,18 @@
-"""Workers die, Redis restarts, shards fail, users cancel: nothing is lost, nothing is doubled."""
+"""Workers die, Redis restarts, shards fail, users cancel: nothing is lost, nothing is doubled.
+
+Real redis-server, real `shardgen worker` processes, the real CLI. Every wait is on a condition, with a deadline.
+"""
 
 import json
 import random
+import shutil
 import signal
 import time
 
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import RedisServer, run_cli, write_jsonl
+from tests.conftest import RedisServer, run_cli, wait_until, write_jsonl
 from tests.test_distributed import make_rows, wait_for_end
 
 FAST_LEASE = {"SHARDGEN_LEASE_SECONDS": "4"}
@@ -42,6 +46,11 @@ def collect_exactly_once(run_id, broker, tmp_path, rows):
     return table
 
 
+def running_on(status, worker):
+    """Whether `worker` (a WorkerProcess) is running a shard, per the live workers `status` lists."""
+    return any(w["pid"] == worker.process.pid and w["shard_index"] is not None for w in status.get("workers", []))
+
+
 def test_workers_killed_at_random_moments_lose_and_double_nothing(tmp_path, redis_url, tiny_model_dir, start_worker):
     model = str(tiny_model_dir)
     data = write_jsonl(tmp_path / "q.jsonl", make_rows(240))
@@ -50,20 +59,23 @@ def test_workers_killed_at_random_moments_lose_and_double_nothing(tmp_path, redi
     rng = random.Random(7)
     kills = 0
     while kills < 3:
-        for worker in workers:
-            worker.wait_ready()
-        time.sleep(rng.uniform(0.5, 2.5))
-        status = status_of(run_id, redis_url)
+        victim = rng.choice(workers)
+        victim.wait_ready()
+        # Kill it in the middle of a shard, after a random number of further shards finished.
+        target = status_of(run_id, redis_url)["shards_done"] + rng.randint(0, 2)
+        status = wait_until(lambda: (s := status_of(run_id, redis_url)) and
+                            (s["state"] == "done" or (s["shards_done"] >= target and running_on(s, victim))) and s,
+                            timeout=180, what="the victim to be mid-shard")
         if status["state"] == "done":
             break
-        victim = rng.choice(workers)
         victim.kill(signal.SIGKILL)
         kills += 1
         workers.remove(victim)
         workers.append(start_worker(model, redis_url))
     status = wait_for_end(run_id, redis_url, timeout=300)
     assert status["state"] == "done" and status["rows_done"] == 240 and status["shards_done"] == 30
-    assert kills >= 1, "the run ended before any worker could be killed: make the job longer"
+    assert kills == 3, "the run ended before three workers could be killed mid-shard: make the job longer"
+    assert status["reassigned"] >= 1
     collect_exactly_once(run_id, redis_url, tmp_path, 240)
 
 
@@ -73,10 +85,7 @@ def test_a_killed_workers_shard_is_taken_over_within_the_lease(tmp_path, redis_u
     doomed = start_worker(model, redis_url)
     doomed.wait_ready()
     run_id = submit(data, tmp_path / "work", redis_url, model, "--shard-size", "16", "--max-new-tokens", "400")
-    deadline = time.time() + 60
-    while status_of(run_id, redis_url)["shards_running"] == 0:
-        assert time.time() < deadline
-        time.sleep(0.2)
+    wait_until(lambda: status_of(run_id, redis_url)["shards_running"] == 1, timeout=60, what="the shard to start")
     doomed.kill(signal.SIGKILL)
     killed_at = time.time()
     start_worker(model, redis_url, "--batch-size", "16")
@@ -94,12 +103,8 @@ def test_redis_restart_mid_run_loses_no_state(tmp_path, tiny_model_dir, start_wo
         worker = start_worker(model, server.url)
         worker.wait_ready()
         run_id = submit(data, tmp_path / "work", server.url, model, "--shard-size", "8", "--max-new-tokens", "16")
-        deadline = time.time() + 120
-        while status_of(run_id, server.url)["shards_done"] < 2:
-            assert time.time() < deadline
-            time.sleep(0.3)
+        wait_until(lambda: status_of(run_id, server.url)["shards_done"] >= 2, timeout=120, what="two shards done")
         server.stop()
-        time.sleep(2)
         server.start()
         status = wait_for_end(run_id, server.url, timeout=300)
         assert status["state"] == "done" and status["rows_done"] == 96
@@ -113,28 +118,25 @@ def test_failed_shards_are_retried_with_backoff_then_marked_failed_and_retry_rec
     data = write_jsonl(tmp_path / "q.jsonl", make_rows(12))
     work = tmp_path / "work"
     run_id = submit(data, work, redis_url, model, "--shard-size", "6", "--max-new-tokens", "4", "--max-retries", "1")
-    blocker = work / run_id
-    for item in blocker.iterdir():
-        item.unlink()
-    blocker.rmdir()
-    blocker.write_text("a file where the run directory should be")  # every write of a result now fails
+    staged = work / run_id / "input"
+    shutil.move(staged, tmp_path / "input-aside")  # every attempt now fails to read its shard
     start_worker(model, redis_url)
     status = wait_for_end(run_id, redis_url, timeout=120)
     assert status["state"] == "failed" and status["shards_failed"] == 2 and status["retries"] == 2
-    assert all(f["attempts"] == 2 and "Error" in f["error"] for f in status["failed_shards"])
+    assert all(f["attempts"] == 2 and "does not exist" in f["error"] for f in status["failed_shards"])
     table = run_cli("status", run_id, "--broker", redis_url).stdout
     assert "failed shards" in table
 
-    incomplete = run_cli("collect", run_id, "-o", str(tmp_path / "x.parquet"), "--work-dir", str(tmp_path / "saved"), "--broker", redis_url)
-    assert incomplete.returncode != 0
+    incomplete = run_cli("collect", run_id, "-o", str(tmp_path / "x.parquet"), "--broker", redis_url)
+    assert incomplete.returncode == 3 and f"run {run_id} is incomplete: 12 row(s) missing" in incomplete.stderr
+    assert not (tmp_path / "x.parquet").exists()
 
-    blocker.unlink()
-    blocker.mkdir()
-    (blocker / "run.json").write_text(json.dumps({"spec": {}, "rows_total": 0, "shards_total": 0}))
+    shutil.move(tmp_path / "input-aside", staged)
     retried = run_cli("retry", run_id, "--broker", redis_url)
     assert retried.returncode == 0 and "queued 2 shard(s)" in retried.stderr
     status = wait_for_end(run_id, redis_url, timeout=120)
     assert status["state"] == "done" and status["shards_failed"] == 0 and status["rows_done"] == 12
+    collect_exactly_once(run_id, redis_url, tmp_path, 12)
 
 
 def test_cancel_stops_the_run_and_retry_finishes_it(tmp_path, redis_url, tiny_model_dir, start_worker):
@@ -142,15 +144,13 @@ def test_cancel_stops_the_run_and_retry_finishes_it(tmp_path, redis_url, tiny_mo
     data = write_jsonl(tmp_path / "q.jsonl", make_rows(64))
     run_id = submit(data, tmp_path / "work", redis_url, model, "--shard-size", "8", "--max-new-tokens", "64")
     start_worker(model, redis_url)
-    deadline = time.time() + 120
-    while status_of(run_id, redis_url)["shards_done"] < 1:
-        assert time.time() < deadline
-        time.sleep(0.3)
+    wait_until(lambda: status_of(run_id, redis_url)["shards_done"] >= 1, timeout=120, what="a shard done")
     cancelled = run_cli("cancel", run_id, "--broker", redis_url)
     assert cancelled.returncode == 0, cancelled.stderr
-    time.sleep(6)
-    status = status_of(run_id, redis_url)
-    assert status["state"] == "cancelled" and status["shards_running"] == 0 and status["shards_done"] < 8
+    status = wait_until(lambda: (s := status_of(run_id, redis_url))["shards_running"] == 0 and s, timeout=30,
+                        what="the running shard to stop")
+    assert status["state"] == "cancelled" and status["shards_done"] < 8
+    assert status["shards_done"] + status["shards_cancelled"] == 8
     again = run_cli("cancel", run_id, "--broker", redis_url)
     assert again.returncode != 0 and "already ended" in again.stderr
     assert run_cli("retry", run_id, "--broker", redis_url).returncode == 0
@@ -186,16 +186,16 @@ def test_malformed_and_foreign_messages_are_rejected_not_executed(tmp_path, redi
     from celery import Celery
 
     from shardgen.schemas.model import ModelSpec
-    from shardgen.workers.queue.celery_app import TASK_NAME
+    from shardgen.workers.queue.celery_app import TASK_NAME, wake_queue
 
     model = str(tiny_model_dir)
-    queue = ModelSpec(model=model).queue
+    queue = wake_queue(ModelSpec(model=model).queue)
     marker = tmp_path / "pwned"
     sender = Celery("attacker", broker=redis_url)
     sender.conf.accept_content = ["json", "pickle"]
-    sender.send_task(TASK_NAME, args=[{"run_id": "x", "shard_index": 0, "rows": []}], queue=queue, serializer="pickle")
-    sender.send_task(TASK_NAME, args=[{"run_id": "../../etc", "shard_index": 0, "rows": []}], queue=queue)
-    sender.send_task(TASK_NAME, args=["not a shard"], queue=queue)
+    sender.send_task(TASK_NAME, args=[{"queue": ModelSpec(model=model).queue}], queue=queue, serializer="pickle")
+    sender.send_task(TASK_NAME, args=[{"queue": "../../etc"}], queue=queue)
+    sender.send_task(TASK_NAME, args=["not a message"], queue=queue)
     sender.send_task("celery.backend_cleanup", queue=queue)
     sender.send_task("os.system", args=[f"touch {marker}"], queue=queue)
     worker = start_worker(model, redis_url)
@@ -204,6 +204,6 @@ def test_malformed_and_foreign_messages_are_rejected_not_executed(tmp_path, redi
     run_id = submit(data, tmp_path / "work", redis_url, model, "--shard-size", "4", "--max-new-tokens", "4")
     assert wait_for_end(run_id, redis_url)["state"] == "done"
     log = worker.log_path.read_text(errors="replace")
-    assert "pickle" in log and "rejected message (not executed)" in log and "invalid run id" in log
+    assert "pickle" in log and "rejected message (not executed)" in log and "invalid queue" in log
     assert not marker.exists()
     assert worker.process.poll() is None

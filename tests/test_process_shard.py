@@ -3,15 +3,16 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from shardgen.producer.collect import collect, write_run_file
+from shardgen.producer.collect import collect
+from shardgen.schemas.layout import RunLayout
 from shardgen.schemas.model import ModelSpec
 from shardgen.schemas.results import decode_metadata
 from shardgen.schemas.run import ColumnMapping, RunSpec
 from shardgen.schemas.sampling import SamplingParams
 from shardgen.schemas.shard import InputRow, Shard
 from shardgen.workers.generators import make_generator
-from shardgen.workers.process_shard import process_shard
-from shardgen.workers.writer import shard_path
+from shardgen.workers.shard_processing import process_shard
+from shardgen.workers.storage import publish_result, write_run_file
 
 
 @pytest.fixture()
@@ -36,10 +37,11 @@ def rows(*prompts):
 def test_shard_file_has_every_row_its_columns_and_metadata(tmp_path, spec, tiny_loaded):
     generator = make_generator(tiny_loaded, batch_size=4)
     seen = []
+    location = str(tmp_path / "attempt.parquet")
     outcome = process_shard(Shard(spec.run_id, 0, rows("hello", "", "what is up", "x " * 600)), spec, tiny_loaded,
-                            generator, tmp_path, on_row=seen.append)
-    assert outcome.written and outcome.rows == 4 and outcome.rows_failed == 2 and len(seen) == 4
-    table = pq.read_table(outcome.path)
+                            generator, location, on_row=seen.append)
+    assert outcome.location == location and outcome.rows == 4 and outcome.rows_failed == 2 and len(seen) == 4
+    table = pq.read_table(location)
     data = table.to_pylist()
     assert [r["row_index"] for r in data] == [0, 1, 2, 3]
     assert [r["id"] for r in data] == ["r0", "r1", "r2", "r3"]
@@ -59,48 +61,72 @@ def test_truncation_from_the_left_is_recorded(tmp_path, spec, tiny_loaded):
 
     spec = replace(spec, max_prompt_tokens=48)
     outcome = process_shard(Shard(spec.run_id, 0, rows("x " * 600, "short")), spec, tiny_loaded,
-                            make_generator(tiny_loaded, batch_size=4), tmp_path)
-    data = pq.read_table(outcome.path).to_pylist()
+                            make_generator(tiny_loaded, batch_size=4), str(tmp_path / "a.parquet"))
+    data = pq.read_table(outcome.location).to_pylist()
     assert data[0]["prompt_truncated"] is True and data[0]["prompt_tokens"] == 48 and data[0]["error"] is None
     assert data[1]["prompt_truncated"] is False
 
 
-def test_first_complete_result_wins_and_a_late_duplicate_is_discarded(tmp_path, spec, tiny_loaded):
-    generator = make_generator(tiny_loaded, batch_size=4)
-    shard = Shard(spec.run_id, 5, rows("a", "b"))
-    first = process_shard(shard, spec, tiny_loaded, generator, tmp_path, attempt=1)
-    before = first.path.read_bytes()
-    second = process_shard(shard, spec, tiny_loaded, generator, tmp_path, attempt=2)
-    assert first.written and not second.written
-    assert first.path.read_bytes() == before
-    assert decode_metadata(pq.read_table(first.path).schema.metadata)["attempt"] == "1"
-    assert [p.name for p in tmp_path.iterdir()] == ["part-00005.parquet"]  # no temp files left behind
+def test_a_failed_write_leaves_nothing_at_the_attempt_location(tmp_path, spec, tiny_loaded):
+    import pyarrow as pa
+
+    from shardgen.workers.storage import open_output
+
+    target = tmp_path / "attempt.parquet"
+    with pytest.raises(pa.ArrowInvalid):
+        with open_output(str(target)) as handle:
+            handle.write(b"PAR1 half a file")
+            raise pa.ArrowInvalid("the writer failed part-way")
+    assert list(tmp_path.iterdir()) == []  # no half file, no temporary file
 
 
 def test_collect_orders_rows_checks_completeness_and_writes_jsonl(tmp_path, spec, tiny_loaded):
+    from dataclasses import replace
+
+    spec = replace(spec, shard_size=2)
     generator = make_generator(tiny_loaded, batch_size=4)
-    run_dir = tmp_path / spec.run_id
-    write_run_file(run_dir, spec, rows_total=6, shards_total=3)
+    layout = RunLayout(str(tmp_path / "work"), spec.run_id, spec.shard_size)
+    write_run_file(layout, spec, rows_total=6, shards_total=3)
     all_rows = rows("a", "b", "c", "d", "e", "f")
+
+    def produce(index):
+        location = layout.attempt_part(index, "a1-test")
+        process_shard(Shard(spec.run_id, index, all_rows[index * 2 : index * 2 + 2]), spec, tiny_loaded, generator, location)
+        publish_result(layout, index, location)
+
     for index in (2, 0):  # shard 1 missing
-        process_shard(Shard(spec.run_id, index, all_rows[index * 2 : index * 2 + 2]), spec, tiny_loaded, generator, run_dir)
+        produce(index)
     out = tmp_path / "out.jsonl"
-    report = collect(run_dir, spec, 6, 3, out)
+    report = collect(layout, spec, 6, 3, str(out))
     assert not report.complete and report.missing_rows == [2, 3] and report.missing_shards == [1]
     assert not out.exists()
-    report = collect(run_dir, spec, 6, 3, out, allow_partial=True)
+    report = collect(layout, spec, 6, 3, str(out), allow_partial=True)
     assert report.written and [json.loads(l)["row_index"] for l in out.read_text().splitlines()] == [0, 1, 4, 5]
-    process_shard(Shard(spec.run_id, 1, all_rows[2:4]), spec, tiny_loaded, generator, run_dir)
-    report = collect(run_dir, spec, 6, 3, tmp_path / "out.parquet")
+    produce(1)
+    report = collect(layout, spec, 6, 3, str(tmp_path / "out.parquet"))
     assert report.complete and pq.read_table(tmp_path / "out.parquet").column("row_index").to_pylist() == list(range(6))
+
+
+def test_collect_refuses_a_part_holding_other_rows(tmp_path, spec, tiny_loaded):
+    from dataclasses import replace
+
+    from shardgen.schemas.errors import InputError
+
+    spec = replace(spec, shard_size=2)
+    layout = RunLayout(str(tmp_path / "work"), spec.run_id, spec.shard_size)
+    location = layout.attempt_part(1, "a1-test")
+    process_shard(Shard(spec.run_id, 0, rows("a", "b")), spec, tiny_loaded, make_generator(tiny_loaded, 4), location)
+    publish_result(layout, 1, location)  # shard 0's rows under shard 1's name
+    with pytest.raises(InputError, match="holds rows"):
+        collect(layout, spec, 4, 2, str(tmp_path / "out.parquet"), allow_partial=True)
 
 
 def test_n_samples_are_stored_as_lists(tmp_path, spec, tiny_loaded):
     from dataclasses import replace
 
     spec = replace(spec, params=SamplingParams(max_new_tokens=4, temperature=1.0, n=3))
-    process_shard(Shard(spec.run_id, 0, rows("a")), spec, tiny_loaded, make_generator(tiny_loaded, 4), tmp_path)
-    row = pq.read_table(shard_path(tmp_path, 0)).to_pylist()[0]
+    process_shard(Shard(spec.run_id, 0, rows("a")), spec, tiny_loaded, make_generator(tiny_loaded, 4), str(tmp_path / "a.parquet"))
+    row = pq.read_table(tmp_path / "a.parquet").to_pylist()[0]
     assert len(row["generation"]) == 3 and len(row["finish_reason"]) == 3 and row["generated_tokens"] == 12
 
 
@@ -134,11 +160,12 @@ class RunsOutOfMemoryAboveTwo:
 def test_out_of_memory_halves_the_batch_and_loses_no_row(tmp_path, spec, tiny_loaded):
     generator = RunsOutOfMemoryAboveTwo(make_generator(tiny_loaded, batch_size=16))
     seen = []
-    outcome = process_shard(Shard(spec.run_id, 0, rows("a", "b", "c", "d", "e")), spec, tiny_loaded, generator, tmp_path,
-                            on_row=seen.append)
-    assert outcome.batch_halvings == 3 and generator.batch_size == 2
+    outcome = process_shard(Shard(spec.run_id, 0, rows("a", "b", "c", "d", "e")), spec, tiny_loaded, generator,
+                            str(tmp_path / "a.parquet"), on_row=seen.append)
+    assert outcome.batch_halvings == 3
     assert [size for size, _ in generator.calls] == [16, 8, 4, 2]
     assert [count for _, count in generator.calls] == [5, 4, 3, 2]  # each retry redoes only unfinished rows
-    data = pq.read_table(outcome.path).to_pylist()
+    assert generator.batch_size == 16  # the halving lasted for this shard only, in every mode
+    data = pq.read_table(outcome.location).to_pylist()
     assert [r["row_index"] for r in data] == [0, 1, 2, 3, 4] and all(r["error"] is None for r in data)
     assert len(seen) == 5

@@ -6,7 +6,7 @@ from shardgen.schemas.errors import InvalidParameter, MessageError
 from shardgen.schemas.model import ModelSpec
 from shardgen.schemas.run import ColumnMapping, RunSpec
 from shardgen.schemas.sampling import SamplingParams
-from shardgen.schemas.shard import InputRow, ShardMessage, check_run_id
+from shardgen.schemas.shard import TakeShard, check_run_id
 
 
 @pytest.mark.parametrize(
@@ -89,15 +89,13 @@ def test_run_ids_cannot_escape_the_work_directory():
     assert check_run_id("20260101-abc_1") == "20260101-abc_1"
 
 
-def test_shard_message_round_trip_and_rejection_of_foreign_payloads():
-    message = ShardMessage("run-1", 3, [InputRow(index=0, id="a", prompt="hi", keep={"k": 1})], attempt=2)
-    data = json.loads(json.dumps(message.to_dict()))
-    again = ShardMessage.from_dict(data)
-    assert again.rows[0].prompt == "hi" and again.rows[0].keep == {"k": 1} and again.attempt == 2
-    for payload in [None, [], {"run_id": "r", "shard_index": -1, "rows": []}, {"run_id": "../x", "shard_index": 0, "rows": []},
-                    {"run_id": "r", "shard_index": 0}, {"run_id": "r", "shard_index": 0, "rows": [], "cmd": "rm"}]:
+def test_take_shard_message_round_trip_and_rejection_of_foreign_payloads():
+    message = TakeShard("sg.q.smollm2-135m@nf4")
+    assert TakeShard.from_dict(json.loads(json.dumps(message.to_dict()))) == message
+    for payload in [None, [], "sg.q.x", {}, {"queue": 3}, {"queue": "sg.q.x", "rows": []}, {"queue": "a b"},
+                    {"queue": "x" * 201}, {"run_id": "r", "shard_index": 0, "rows": []}]:
         with pytest.raises(MessageError):
-            ShardMessage.from_dict(payload)
+            TakeShard.from_dict(payload)
 
 
 def test_run_difference_names_what_would_change_the_results():

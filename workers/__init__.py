@@ -1,11 +1,31 @@
-"""shardgen workers: model loading, generation, and the in-process Python API (`LLM`, imported on first use)."""
+"""shardgen workers: what runs next to a GPU. Its public surface, imported on first use (torch is heavy):
 
+    LLM                 the in-process Python API (workers/api.py)
+    load_model          resolve and load a model once (workers/models)
+    make_generator      the engine (or transformers' generate) for a loaded model
+    process_shard       one shard in, one Parquet object out; both drivers call it
+    start_worker        a Celery worker serving one model on one device (workers/queue)
+
+Subpackages with their own public surface: `lifecycle` (run state), `storage` (files and datasets).
+"""
+
+from importlib import import_module
 from typing import Any
+
+_EXPORTS = {
+    "LLM": ".api",
+    "load_model": ".models.loader",
+    "check_device": ".models.loader",
+    "make_generator": ".generators",
+    "process_shard": ".shard_processing",
+    "start_worker": ".queue.worker_main",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name == "LLM":
-        from .api import LLM
-
-        return LLM
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = list(_EXPORTS)

@@ -1,18 +1,14 @@
-"""Result shards: one Parquet file per shard, written whole or not at all, first complete one wins."""
+"""The result table of a shard: one row per input row, its generation, and the run's metadata."""
 
 from __future__ import annotations
 
-import os
-import uuid
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from shardgen.schemas.results import meta_key
 from shardgen.schemas.run import RunSpec
-from shardgen.schemas.shard import InputRow, shard_file_name
+from shardgen.schemas.shard import InputRow
 
 from .generation import FINISH_ERROR, GenerationOutput
 from .prompts import PromptTokens
@@ -24,7 +20,10 @@ def result_table(
     outputs: Sequence[GenerationOutput],
     prompts: Sequence[PromptTokens | None],
     metadata: dict[str, str],
+    input_types: Mapping[str, pa.DataType] | None = None,
 ) -> pa.Table:
+    """`input_types` (the Arrow types of copied input columns) keeps their type as it was in the input."""
+    input_types = input_types or {}
     many = spec.params.n > 1
     text_type = pa.list_(pa.string()) if many else pa.string()
     generation, finish = [], []
@@ -42,9 +41,9 @@ def result_table(
         "row_index": pa.array([r.index for r in rows], pa.int64()),
     }
     for name in spec.columns.keep_columns:
-        columns[name] = _infer_array([r.keep.get(name) for r in rows])
+        columns[name] = _input_array([r.keep.get(name) for r in rows], input_types.get(name))
     if spec.columns.ground_truth_column:
-        columns["ground_truth"] = _infer_array([r.ground_truth for r in rows])
+        columns["ground_truth"] = _input_array([r.ground_truth for r in rows], input_types.get(spec.columns.ground_truth_column))
     columns[spec.columns.output_column] = pa.array(generation, text_type)
     columns["finish_reason"] = pa.array(finish, text_type)
     columns["prompt_tokens"] = pa.array([o.prompt_tokens for o in outputs], pa.int32())
@@ -56,37 +55,8 @@ def result_table(
     return table.replace_schema_metadata({meta_key(k): str(v).encode() for k, v in metadata.items()})
 
 
-def _infer_array(values: list[Any]) -> pa.Array:
+def _input_array(values: list[Any], type_: pa.DataType | None) -> pa.Array:
     try:
-        return pa.array(values)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        return pa.array([None if v is None else str(v) for v in values], pa.string())
-
-
-def shard_path(run_dir: Path, shard_index: int) -> Path:
-    return run_dir / shard_file_name(shard_index)
-
-
-def write_shard_once(table: pa.Table, path: Path) -> bool:
-    """Write to a temp file, then link it into place without replacing: True if ours is the result.
-
-    A late duplicate (a retried shard whose first attempt finishes after all) finds the file there and
-    leaves it alone, so the first complete result wins and nothing is doubled.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        pq.write_table(table, temp)
-        with open(temp, "rb") as handle:
-            os.fsync(handle.fileno())
-        try:
-            os.link(temp, path)
-        except FileExistsError:
-            return False
-        except OSError:  # filesystems without hard links: rename, which is atomic but may replace
-            if path.exists():
-                return False
-            os.replace(temp, path)
-        return True
-    finally:
-        temp.unlink(missing_ok=True)
+        return pa.array(values, type_)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # e.g. text that is not valid UTF-8 in a string column
+        return pa.array([None if v is None else v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values], pa.string())

@@ -1,1 +1,25 @@
-"""The life of a run and its shards: states, the Redis key layout, every transition, retries and reaping."""
+"""The life of a run and its shards, and its one owner: states, the Redis key layout, every transition,
+retries and backoff, reaping, and which shards still need work. The producer and the workers ask it; only
+its scripts move a run's state.
+"""
+
+from .dispatch import wake_workers
+from .policy import check_resumable
+from .progress import run_status
+from .resume import missing_results, present_results, redo_run, unfinished_shards
+from .store import Claim, RunRecord, RunStore, ShardRecord, WorkerInfo
+
+__all__ = [
+    "Claim",
+    "RunRecord",
+    "RunStore",
+    "ShardRecord",
+    "WorkerInfo",
+    "check_resumable",
+    "missing_results",
+    "present_results",
+    "redo_run",
+    "run_status",
+    "unfinished_shards",
+    "wake_workers",
+]

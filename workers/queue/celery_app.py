@@ -1,10 +1,22 @@
-"""The Celery app: JSON only, late acks, one task at a time per worker process."""
+"""The Celery app: JSON only, one task at a time per worker process, and what its messages mean.
+
+A shard's place in line is kept by the run store (workers/lifecycle): each model has a Redis list of the shards
+waiting for it (`sg.q.<model>`). Celery carries only wake-ups: a `shardgen.take_shard` message on the model's
+Celery queue (`sg.take.<model>`) asks one worker to take the next waiting shard. Wake-ups are fungible, so they
+are acknowledged on receipt: one lost with a dying worker costs nothing (another is sent), and one delivered
+twice finds nothing to take. Only a window of them is kept in flight, so Redis holds a few hundred bytes per
+shard however large the run.
+"""
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit, urlunsplit
+
 from celery import Celery
 
-TASK_NAME = "shardgen.process_shard"
+from shardgen.schemas.shard import TakeShard
+
+TASK_NAME = "shardgen.take_shard"
 
 app = Celery("shardgen")
 app.conf.update(
@@ -14,26 +26,25 @@ app.conf.update(
     accept_content=["json"],
     result_accept_content=["json"],
     task_ignore_result=True,
-    task_acks_late=True,
-    task_reject_on_worker_lost=True,
+    task_acks_late=False,
     worker_prefetch_multiplier=1,
-    # shardgen's leases bring a running shard of a dead worker back in seconds. Redelivery after the visibility
-    # timeout covers the one message a worker had fetched but not yet claimed; a redelivered copy of a shard that
-    # is still running finds its lease held and is dropped, so the timeout can be short.
-    # kombu's Redis transport waits polling_interval (1 s by default) before fetching the next message after an
-    # ack; with prefetch 1 every shard paid it (bench-queue: 0.79x embedded at 16-row shards, 1.11x at 0.05 s).
-    broker_transport_options={"visibility_timeout": 120, "polling_interval": 0.05},
+    # kombu's Redis transport waits polling_interval (1 s by default) after an ack before fetching the next
+    # message; a worker would idle that long between shards.
+    broker_transport_options={"polling_interval": 0.05},
     broker_connection_retry_on_startup=True,
     broker_connection_max_retries=None,
     worker_hijack_root_logger=False,
     worker_send_task_events=False,
-    task_default_queue="sg.q.default",
+    task_default_queue="sg.take.default",
 )
 
 
-def configure(broker: str) -> Celery:
-    from urllib.parse import urlsplit, urlunsplit
+def wake_queue(queue: str) -> str:
+    """The Celery queue whose messages wake workers for the shards waiting in `queue` (sg.q.X -> sg.take.X)."""
+    return queue.replace(".q.", ".take.", 1)
 
+
+def configure(broker: str) -> Celery:
     from ..redis_conn import tls_options
 
     tls = tls_options(broker)
@@ -44,5 +55,9 @@ def configure(broker: str) -> Celery:
     return app
 
 
-def enqueue(broker_app: Celery, message: dict, queue: str, countdown: float | None = None) -> None:
-    broker_app.send_task(TASK_NAME, args=[message], queue=queue, countdown=countdown, serializer="json")
+def send_wakeups(broker_app: Celery, queue: str, count: int) -> None:
+    message = TakeShard(queue).to_dict()
+    with broker_app.producer_or_acquire() as producer:
+        for _ in range(count):
+            broker_app.send_task(TASK_NAME, args=[message], queue=wake_queue(queue), serializer="json",
+                                 producer=producer)

@@ -12,12 +12,16 @@ from typing import Any
 
 from shardgen.schemas.model import ModelSpec
 
-from . import tasks
-from .celery_app import configure
 from ..generators import make_generator
+from ..lifecycle import policy
+from ..lifecycle.dispatch import CeleryWakeups
+from ..lifecycle.store import LEASE_MS, RunStore
 from ..models.loader import check_device, load_model
 from ..redis_conn import broker_url, redact
-from ..lifecycle.store import RunStore
+from . import tasks
+from .celery_app import configure, wake_queue
+from .handler import Shutdown, WorkerContext, watchdog_tick, worker_id
+from .heartbeat import Watchdog
 
 
 def start_worker(
@@ -30,6 +34,7 @@ def start_worker(
     compile: bool = False,
     loglevel: str = "INFO",
     node_name: str | None = None,
+    grace_s: float = 30.0,
     console: Any = None,
 ) -> None:
     logging.getLogger("shardgen").setLevel(loglevel)
@@ -39,26 +44,31 @@ def start_worker(
     loaded = load_model(spec, device, hf_token)
     if loaded.info.get("note") and console is not None:
         console.print(f"[yellow]{loaded.info['note']}")
-    generator = make_generator(loaded, batch_size, compile=compile)
-    tasks.CONTEXT = tasks.WorkerContext(
-        loaded=loaded, generator=generator, store=store, worker_id=tasks.worker_id(device), batch_size=batch_size
-    )
-    if console is not None:
-        console.print(
-            f"worker {tasks.CONTEXT.worker_id}: {spec.model} ({spec.quantize}) on {device}, "
-            f"queue {spec.queue}, broker {redact(url)}"
-        )
     app = configure(url)
-    tasks.Watchdog(store).start()
-    name = node_name or f"shardgen-{spec.slug}-{device}@{socket.gethostname()}".replace(":", "-")
-    app.worker_main(
-        [
-            "worker",
-            "--pool=solo",
-            f"--queues={spec.queue}",
-            f"--hostname={name}",
-            f"--loglevel={loglevel}",
-            "--without-gossip",
-            "--without-mingle",
-        ]
+    queue = spec.queue
+    ctx = WorkerContext(
+        loaded=loaded, generator=make_generator(loaded, batch_size, compile=compile), store=store, wakeups=CeleryWakeups(app, store.redis),
+        queue=queue, device=device, worker_id=worker_id(device), shutdown=Shutdown(grace_s),
     )
+    tasks.CONTEXT = ctx
+    _on_shutdown_signal(ctx.shutdown)
+    if console is not None:
+        console.print(f"worker {ctx.worker_id}: {spec.model} ({spec.quantize}) on {device}, queue {queue}, broker {redact(url)}")
+    watchdog = Watchdog(lambda: watchdog_tick(ctx), policy.reap_interval(LEASE_MS)).start()
+    name = node_name or f"shardgen-{spec.slug}-{device}@{socket.gethostname()}".replace(":", "-")
+    try:
+        app.worker_main([
+            "worker", "--pool=solo", f"--queues={wake_queue(queue)}", f"--hostname={name}", f"--loglevel={loglevel}",
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+        ])
+    finally:
+        watchdog.stop()
+        store.remove_worker(ctx.worker_id)
+
+
+def _on_shutdown_signal(shutdown: Shutdown) -> None:
+    """Celery's warm shutdown (SIGTERM, SIGINT) stops taking messages and waits for the running task; the
+    shutdown deadline makes that task give its shard back once the grace period has passed."""
+    from celery.signals import worker_shutting_down
+
+    worker_shutting_down.connect(lambda **_: shutdown.request(), weak=False)

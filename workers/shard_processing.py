@@ -1,5 +1,9 @@
-"""process_shard: one shard in, one Parquet file out. Knows nothing of Celery or Redis; both the embedded
-mode and the Celery task call it, so both produce the same files."""
+"""process_shard: one shard in, one Parquet object out. Knows nothing of Celery or Redis; both the embedded
+mode and the Celery task call it, so both produce the same files.
+
+It writes to the location its caller names (one per attempt); which attempt becomes the shard's result is the
+caller's decision (the run store's atomic completion in distributed mode).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,6 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 from shardgen.schemas.run import RunSpec
@@ -16,7 +19,8 @@ from shardgen.schemas.shard import Shard
 from .generation import EngineOOM, GenerationCancelled, GenerationOutput, GenerationRequest, Generator
 from .models.loader import LoadedModel
 from .prompts import PromptTokens, tokenize_row
-from .writer import result_table, shard_path, write_shard_once
+from .storage.run_files import write_table
+from .writer import result_table
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +30,8 @@ OnRow = Callable[[GenerationOutput], None]
 @dataclass
 class ShardOutcome:
     shard_index: int
-    path: Path
-    written: bool
-    """False when another attempt's complete result was already in place (ours was discarded)."""
+    location: str
+    """Where this attempt's result was written."""
     rows: int
     rows_failed: int
     prompt_tokens: int
@@ -52,7 +55,7 @@ def process_shard(
     spec: RunSpec,
     loaded: LoadedModel,
     generator: Generator,
-    run_dir: Path,
+    location: str,
     *,
     attempt: int = 1,
     worker: str = "embedded",
@@ -114,15 +117,10 @@ def process_shard(
         "device": loaded.device,
         "worker": worker,
     }
-    table = result_table(spec, rows, done, prompts, metadata)
-    path = shard_path(run_dir, shard.index)
-    written = write_shard_once(table, path)
-    if not written:
-        log.warning("shard %s of run %s already has a complete result; this attempt's copy was discarded", shard.index, spec.run_id)
+    write_table(location, result_table(spec, rows, done, prompts, metadata, shard.input_types))
     return ShardOutcome(
         shard_index=shard.index,
-        path=path,
-        written=written,
+        location=location,
         rows=len(rows),
         rows_failed=sum(1 for o in done if o.error is not None),
         prompt_tokens=sum(o.prompt_tokens for o in done),
@@ -139,9 +137,13 @@ def generate_halving_on_oom(
     on_row: OnRow | None,
     should_stop: Callable[[], bool] | None = None,
 ) -> tuple[list[GenerationOutput], int]:
-    """Generate every request; out of memory, halve the generator's batch size and redo only unfinished rows."""
+    """Generate every request; out of memory, halve the generator's batch size and redo only unfinished rows.
+
+    The halving lasts for this shard only: the next shard starts from the configured batch size again.
+    """
     outputs: dict[int, GenerationOutput] = {}
     halvings = 0
+    configured = generator.batch_size
 
     def keep(index: int, output: GenerationOutput) -> None:
         if index in outputs:  # a batch that failed part-way is redone row by row; count each row once
@@ -150,21 +152,24 @@ def generate_halving_on_oom(
         if on_row:
             on_row(output)
 
-    while True:
-        remaining = [i for i in range(len(requests)) if i not in outputs]
-        subset = [requests[i] for i in remaining]
-        try:
-            results = generate_rows(generator, subset, spec, lambda k, out: keep(remaining[k], out), should_stop)
-        except EngineOOM as exc:
-            if generator.batch_size <= 1:
-                raise
-            generator.batch_size = max(1, generator.batch_size // 2)
-            halvings += 1
-            log.warning("%s; halved the batch size to %d and going on", exc, generator.batch_size)
-            continue
-        for k, output in zip(remaining, results):
-            outputs.setdefault(k, output)
-        return [outputs[i] for i in range(len(requests))], halvings
+    try:
+        while True:
+            remaining = [i for i in range(len(requests)) if i not in outputs]
+            subset = [requests[i] for i in remaining]
+            try:
+                results = generate_rows(generator, subset, spec, lambda k, out: keep(remaining[k], out), should_stop)
+            except EngineOOM as exc:
+                if generator.batch_size <= 1:
+                    raise
+                generator.batch_size = max(1, generator.batch_size // 2)
+                halvings += 1
+                log.warning("%s; halved the batch size to %d and going on", exc, generator.batch_size)
+                continue
+            for k, output in zip(remaining, results):
+                outputs.setdefault(k, output)
+            return [outputs[i] for i in range(len(requests))], halvings
+    finally:
+        generator.batch_size = configured
 
 
 def generate_rows(

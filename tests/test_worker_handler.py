@@ -1,0 +1,177 @@
+"""A worker's message handling and heartbeat, in process: fakeredis with Lua, a tiny model, real files."""
+
+from __future__ import annotations
+
+import time
+
+import fakeredis
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from shardgen.schemas.layout import RunLayout
+from shardgen.schemas.model import ModelSpec
+from shardgen.schemas.results import decode_metadata
+from shardgen.schemas.run import RunSpec
+from shardgen.schemas.sampling import SamplingParams
+from shardgen.schemas.states import RunState
+from shardgen.workers.generators import make_generator
+from shardgen.workers.lifecycle import RunStore
+from shardgen.workers.queue.handler import Shutdown, WorkerContext, handle_message, watchdog_tick
+from shardgen.workers.queue.heartbeat import Heartbeat
+from shardgen.workers.storage import stage_input, write_run_file
+from tests.test_lifecycle import Clock, CountingWakeups
+
+
+class Blocking:
+    """The real engine, but each call first runs `on_start` (what happens while the shard runs), then waits (on
+    a condition, with a deadline) until should_stop is true, as a long shard would."""
+
+    def __init__(self, engine, on_start):
+        self.engine, self.name, self.on_start = engine, engine.name, on_start
+
+    @property
+    def batch_size(self):
+        return self.engine.batch_size
+
+    @batch_size.setter
+    def batch_size(self, value):
+        self.engine.batch_size = value
+
+    def generate(self, requests, params, *, on_output=None, should_stop=None):
+        self.on_start()
+        deadline = time.monotonic() + 20
+        while not should_stop():
+            assert time.monotonic() < deadline, "should_stop never turned true"
+            time.sleep(0.01)
+        return self.engine.generate(requests, params, on_output=on_output, should_stop=should_stop)
+
+
+@pytest.fixture()
+def clock():
+    return Clock(time.time())
+
+
+@pytest.fixture()
+def world(tmp_path, tiny_model_dir, tiny_loaded, clock):
+    """A run of 3 shards of 4 rows staged in tmp_path, and a worker context for the tiny model."""
+    store = RunStore(client=fakeredis.FakeRedis(), clock=clock)
+    model = ModelSpec(model=str(tiny_model_dir))
+    spec = RunSpec(input="mem", model=model, params=SamplingParams(max_new_tokens=3), shard_size=4, max_retries=1)
+    table = pa.table({"prompt": [f"Tell me about river {i}." for i in range(12)]})
+    layout = RunLayout(str(tmp_path / "work"), spec.run_id, spec.shard_size)
+    stage_input(layout, table)
+    write_run_file(layout, spec, 12, 3)
+    store.create_run(spec, layout.work_dir, 12, 3)
+    wakeups = CountingWakeups()
+    ctx = WorkerContext(
+        loaded=tiny_loaded, generator=make_generator(tiny_loaded, 4), store=store, wakeups=wakeups,
+        queue=model.queue, device="cpu", worker_id="w1", lease_ms=500, shutdown=Shutdown(0.2),
+    )
+    return ctx, spec, layout
+
+
+def message(ctx):
+    return {"queue": ctx.queue}
+
+
+def test_a_message_runs_the_next_shard_and_publishes_its_result(world):
+    ctx, spec, layout = world
+    assert handle_message(message(ctx), ctx) == "done"
+    record = ctx.store.record(spec.run_id)
+    assert record.shards["done"] == 1 and record.rows_done == 4 and record.generated_tokens == 12
+    table = pq.read_table(layout.part(0))
+    assert table.column("row_index").to_pylist() == [0, 1, 2, 3]
+    meta = decode_metadata(table.schema.metadata)
+    assert meta["attempt"] == "1" and meta["worker"] == "w1"
+    assert ctx.store.shards(spec.run_id, [0])[0].result.endswith(".parquet")
+    assert ctx.wakeups.sent == 2  # two more shards were waiting: two more workers woken
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [None, "not a shard", {"queue": "sg.q.other-model"}, {"queue": "x", "run_id": "r"}, {"queue": "../../etc/passwd"}],
+)
+def test_malformed_foreign_and_misrouted_messages_are_rejected_without_touching_state(world, payload):
+    ctx, spec, _ = world
+    assert handle_message(payload, ctx) == "rejected"
+    assert ctx.store.record(spec.run_id).shards["queued"] == 3
+
+
+def test_a_failing_shard_is_retried_after_backoff_then_failed_for_good(world, clock):
+    ctx, spec, layout = world
+    import os
+
+    os.unlink(layout.input_block(0))  # every shard's staged input is now unreadable
+    assert handle_message(message(ctx), ctx) == "retry"
+    assert handle_message(message(ctx), ctx) == "retry"  # the next shard fails too
+    clock.advance(60)
+    assert handle_message(message(ctx), ctx) == "failed"
+    record = ctx.store.record(spec.run_id)
+    assert record.retries == 2 and record.shards["failed"] == 1
+    assert "does not exist" in record.failed[0].error
+
+
+def test_heartbeat_renews_publishes_progress_and_notices_cancel_and_takeover(world, clock):
+    ctx, spec, _ = world
+    claim = ctx.store.claim_next(ctx.queue, "w1", lease_ms=500)
+    beat = Heartbeat(ctx.store, claim, lease_ms=500)
+    beat.rows_done = 3
+    beat.beat()
+    assert ctx.store.redis.pttl(ctx.store.lease_key(spec.run_id, 0)) > 0
+    assert ctx.store.shards(spec.run_id, [0])[0].rows_done == 3 and not beat.should_stop()
+    ctx.store.cancel(spec.run_id)
+    beat.beat()
+    assert beat.should_stop() and beat.stop_reason == "cancelled"
+
+    taken = Heartbeat(ctx.store, claim, lease_ms=500)
+    ctx.store.redis.delete(ctx.store.lease_key(spec.run_id, 0))  # the lease ran out and another took it
+    taken.beat()
+    assert taken.should_stop() and taken.stop_reason == "lost"
+
+
+def test_shutdown_gives_the_running_shard_back_at_once_after_the_grace(world):
+    ctx, spec, _ = world
+    ctx.shutdown.request()  # as SIGTERM does
+    assert handle_message(message(ctx), ctx) == "draining"  # no new shard once shutting down
+    # A shard already running when the signal comes: it stops after the grace and goes back to the front.
+    ctx.shutdown = Shutdown(0.2)
+    ctx.generator = Blocking(ctx.generator, on_start=ctx.shutdown.request)
+    assert handle_message(message(ctx), ctx) == "released"
+    record = ctx.store.record(spec.run_id)
+    assert record.shards["queued"] == 3 and record.shards["running"] == 0 and record.retries == 0
+    claim = ctx.store.claim_next(ctx.queue, "w2")
+    assert (claim.shard_index, claim.attempt) == (0, 2)
+
+
+def test_a_shard_taken_over_stops_and_its_attempt_is_not_published(world, tmp_path):
+    ctx, spec, layout = world
+
+    def steal():  # the lease runs out while the shard runs (this worker stalled); another may take it
+        ctx.store.redis.delete(ctx.store.lease_key(spec.run_id, 0))
+
+    ctx.generator = Blocking(ctx.generator, on_start=steal)
+    assert handle_message(message(ctx), ctx) == "lost"
+    assert not (tmp_path / "work" / spec.run_id / "part-00000.parquet").exists()
+
+
+def test_a_late_duplicate_discards_its_own_object(world, tmp_path):
+    ctx, spec, layout = world
+    original = ctx.store.complete
+    ctx.store.complete = lambda claim, *args, **kwargs: False  # another attempt was recorded first
+    assert handle_message(message(ctx), ctx) == "duplicate"
+    ctx.store.complete = original
+    attempts = tmp_path / "work" / spec.run_id / "attempts"
+    assert not list(attempts.glob("*.parquet")) and not (tmp_path / "work" / spec.run_id / "part-00000.parquet").exists()
+
+
+def test_watchdog_reaps_dead_workers_shards_wakes_and_reports_this_worker(world, clock):
+    ctx, spec, _ = world
+    dead = ctx.store.claim_next(ctx.queue, "dead", lease_ms=500)
+    ctx.store.redis.delete(ctx.store.lease_key(spec.run_id, dead.shard_index))
+    clock.advance(5)
+    watchdog_tick(ctx)
+    record = ctx.store.record(spec.run_id)
+    assert record.reassigned == 1 and record.shards["queued"] == 3 and record.state is RunState.RUNNING
+    assert ctx.wakeups.sent == 3
+    assert [w.worker for w in ctx.store.workers()] == ["w1"]

@@ -1,0 +1,61 @@
+-- Loaded in front of every lifecycle script: keys, a shard's record, per-state counters, the end of a run.
+-- Every script takes ARGV[1] = key prefix and ARGV[2] = now (seconds since the epoch).
+local prefix = ARGV[1]
+local now = tonumber(ARGV[2])
+local leases_key = prefix .. ':leases'
+
+local function run_key(run) return prefix .. ':run:' .. run end
+local function shards_key(run) return run_key(run) .. ':shards' end
+local function lease_key(run, index) return prefix .. ':lease:' .. run .. ':' .. index end
+local function delayed_key(queue) return prefix .. ':delayed:' .. queue end
+
+-- A shard never claimed has no record yet: it is queued, on its first attempt.
+local function load_shard(run, index)
+  local raw = redis.call('HGET', shards_key(run), index)
+  if raw then return cjson.decode(raw) end
+  return {state = 'queued', attempt = 1}
+end
+
+local function save_shard(run, index, shard)
+  redis.call('HSET', shards_key(run), index, cjson.encode(shard))
+end
+
+-- Moves the run's per-state counters (and its running and failed sets) with the shard.
+local function set_state(run, index, shard, state)
+  if shard.state == state then return end
+  local key = run_key(run)
+  redis.call('HINCRBY', key, 'shards_' .. shard.state, -1)
+  redis.call('HINCRBY', key, 'shards_' .. state, 1)
+  if shard.state == 'running' or shard.state == 'failed' then redis.call('SREM', key .. ':' .. shard.state, index) end
+  if state == 'running' or state == 'failed' then redis.call('SADD', key .. ':' .. state, index) end
+  shard.state = state
+end
+
+local function drop_lease(run, index)
+  redis.call('DEL', lease_key(run, index))
+  redis.call('ZREM', leases_key, run .. '|' .. index)
+end
+
+-- Back into its queue under a new attempt number, so that any entry of an earlier attempt still in the
+-- list is recognised as stale when popped: one shard, at most one live entry.
+local function enqueue(run, index, shard, front)
+  shard.attempt = (shard.attempt or 1) + 1
+  set_state(run, index, shard, 'queued')
+  local entry = run .. '|' .. index .. '|' .. shard.attempt
+  local queue = redis.call('HGET', run_key(run), 'queue')
+  if front then redis.call('LPUSH', queue, entry) else redis.call('RPUSH', queue, entry) end
+end
+
+-- A run ends when every shard is done (done) or ended with at least one failed for good (failed).
+local function end_run_if_finished(run)
+  local key = run_key(run)
+  if redis.call('HGET', key, 'state') == 'cancelled' then return end
+  local total = tonumber(redis.call('HGET', key, 'shards_total'))
+  local done = tonumber(redis.call('HGET', key, 'shards_done'))
+  local failed = tonumber(redis.call('HGET', key, 'shards_failed'))
+  if done == total then
+    redis.call('HSET', key, 'state', 'done', 'finished_at', now)
+  elseif done + failed == total then
+    redis.call('HSET', key, 'state', 'failed', 'finished_at', now)
+  end
+end

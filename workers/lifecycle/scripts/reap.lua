@@ -1,0 +1,39 @@
+-- Shards whose worker stopped renewing its lease (killed, host gone) go back to the front of their queue,
+-- each exactly once whoever runs this; a shard whose workers keep dying fails for good.
+-- ARGV: prefix, now. Returns a flat list: run|index, outcome ('requeued', 'failed' or 'cancelled'), ...
+local expired = redis.call('ZRANGEBYSCORE', leases_key, '-inf', now * 1000, 'LIMIT', 0, 200)
+local out = {}
+for _, member in ipairs(expired) do
+  local run, index = string.match(member, '^(.+)|(%d+)$')
+  local ttl = redis.call('PTTL', lease_key(run, index))
+  if ttl > 0 then
+    redis.call('ZADD', leases_key, now * 1000 + ttl, member)
+  else
+    redis.call('ZREM', leases_key, member)
+    local key = run_key(run)
+    local shard = load_shard(run, index)
+    if redis.call('EXISTS', key) == 1 and shard.state == 'running' then
+      shard.reassigned = (shard.reassigned or 0) + 1
+      shard.error = 'worker ' .. (shard.worker or '?') .. ' stopped renewing its lease'
+      redis.call('HINCRBY', key, 'reassigned', 1)
+      local outcome
+      if redis.call('HGET', key, 'state') == 'cancelled' then
+        set_state(run, index, shard, 'cancelled')
+        outcome = 'cancelled'
+      elseif shard.reassigned > tonumber(redis.call('HGET', key, 'max_retries')) + 1 then
+        shard.error = 'its worker died ' .. shard.reassigned .. ' times while running it'
+        set_state(run, index, shard, 'failed')
+        shard.finished_at = now
+        outcome = 'failed'
+      else
+        enqueue(run, index, shard, true)
+        outcome = 'requeued'
+      end
+      save_shard(run, index, shard)
+      if outcome == 'failed' then end_run_if_finished(run) end
+      table.insert(out, member)
+      table.insert(out, outcome)
+    end
+  end
+end
+return out
