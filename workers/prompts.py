@@ -15,6 +15,13 @@ class PromptTokens:
     """Original token count when the prompt was cut from the left to fit max_prompt_tokens."""
 
 
+@dataclass
+class PromptText:
+    text: str
+    templated: bool
+    """Whether the model's chat template rendered it (then it already holds its special tokens)."""
+
+
 def conversation(row: InputRow, system_prompt: str | None = None) -> list[dict[str, Any]]:
     """The chat messages for a row: its messages or its prompt as a user turn, after a system turn if any."""
     messages = list(row.messages) if row.messages is not None else [{"role": "user", "content": row.prompt or ""}]
@@ -24,10 +31,13 @@ def conversation(row: InputRow, system_prompt: str | None = None) -> list[dict[s
     return messages
 
 
-def render_text(tokenizer: Any, messages: list[dict[str, Any]], chat_template: bool) -> str:
+def render_prompt(tokenizer: Any, messages: list[dict[str, Any]], chat_template: bool) -> PromptText:
+    """The chat template's text when asked for and the tokenizer has one; else the messages' contents joined.
+
+    A base model has no chat template: its prompt is the raw text, tokenized the way the model expects."""
     if chat_template and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "\n\n".join(str(m.get("content", "")) for m in messages)
+        return PromptText(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True)
+    return PromptText("\n\n".join(str(m.get("content", "")) for m in messages), False)
 
 
 def tokenize_row(
@@ -38,12 +48,12 @@ def tokenize_row(
     system_prompt: str | None = None,
     max_prompt_tokens: int | None = None,
 ) -> PromptTokens:
-    text = render_text(tokenizer, conversation(row, system_prompt), chat_template)
-    return tokenize_text(tokenizer, text, max_prompt_tokens=max_prompt_tokens, templated=chat_template)
+    prompt = render_prompt(tokenizer, conversation(row, system_prompt), chat_template)
+    return tokenize_text(tokenizer, prompt.text, max_prompt_tokens=max_prompt_tokens, templated=prompt.templated)
 
 
 def tokenize_text(tokenizer: Any, text: str, *, max_prompt_tokens: int | None = None, templated: bool = True) -> PromptTokens:
-    # A rendered chat template already holds its special tokens; raw text gets the tokenizer's (e.g. BOS).
+    # A rendered chat template already holds its special tokens; raw text gets the tokenizer's own (e.g. BOS).
     ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
     if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
         return PromptTokens(ids[len(ids) - max_prompt_tokens :], truncated_from=len(ids))

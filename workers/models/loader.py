@@ -55,6 +55,9 @@ def resolve_model(name: str) -> ResolvedModel:
             return ResolvedModel(str(path))
         candidates = [p for p in path.iterdir() if p.is_dir() and (p / "config.json").is_file()]
         if not candidates:
+            raw = sorted(p.name for p in path.iterdir() if p.suffix.lower() in RAW_WEIGHT_SUFFIXES)
+            if raw:
+                raise _raw_weights_error(path / raw[0])
             raise ModelError(
                 f"{path} holds no checkpoint (no config.json in it or in a subdirectory)",
                 "pass a directory written by save_pretrained, or a hub id",
@@ -65,6 +68,10 @@ def resolve_model(name: str) -> ResolvedModel:
     if path.is_file() and path.suffix.lower() == ".gguf":
         checkpoint, converted = quantization.gguf_checkpoint(path)
         return ResolvedModel(str(checkpoint), note=f"converted {path} once into {checkpoint}" if converted else None)
+    if path.is_file() and (path.parent / "config.json").is_file():
+        return ResolvedModel(str(path.parent), note=f"{path} is a file of the checkpoint in {path.parent}; loading that directory")
+    if path.is_file() and path.suffix.lower() in RAW_WEIGHT_SUFFIXES:
+        raise _raw_weights_error(path)
     if path.exists():
         raise ModelError(
             f"{path} is a file, not a checkpoint directory", "pass the directory that holds config.json, or a .gguf file"
@@ -78,15 +85,28 @@ def resolve_model(name: str) -> ResolvedModel:
     return ResolvedModel(name, local=False)
 
 
+RAW_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+
+
+def _raw_weights_error(path: Path) -> ModelError:
+    """A weights file without a transformers config: nothing says which architecture to build around it."""
+    return ModelError(
+        f"{path} is a raw PyTorch checkpoint with no transformers config (config.json), so no model can be built from it",
+        "pass a directory written by save_pretrained (config.json and weights, e.g. after loading the state dict "
+        "into a transformers model), or a .gguf file",
+    )
+
+
 def _checkpoint_order(path: Path) -> tuple[int, float]:
     match = re.search(r"(\d+)$", path.name)
     return (int(match.group(1)) if match else -1, path.stat().st_mtime)
 
 
-def check_device(device: str) -> str:
+def check_device(device: str | None) -> str:
+    """The device to load on: `auto` (or None) picks the first GPU when there is one, else the CPU."""
     import torch
 
-    if device == "auto":
+    if device is None or device == "auto":
         return "cuda:0" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         device = "cuda:0"
@@ -120,8 +140,12 @@ def bnb_config(spec: ModelSpec, compute_dtype: Any) -> Any:
     return BitsAndBytesConfig(**fields)
 
 
-def load_model(spec: ModelSpec, device: str = "auto", hf_token: str | None = None) -> LoadedModel:
-    """Load tokenizer and model once; the caller keeps the result for the life of its process."""
+def load_model(
+    spec: ModelSpec, device: str | None = "auto", hf_token: str | None = None, *, tokenizer_source: str | None = None
+) -> LoadedModel:
+    """Load tokenizer and model once; the caller keeps the result for the life of its process.
+
+    `tokenizer_source` takes the tokenizer from another directory or hub id than the model's own."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -140,7 +164,7 @@ def load_model(spec: ModelSpec, device: str = "auto", hf_token: str | None = Non
     common: dict[str, Any] = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code, "token": token}
     started = time.perf_counter()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved.source, **common)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source or resolved.source, **common)
         quant = bnb_config(spec, dtype)
         kwargs: dict[str, Any] = dict(common, dtype=dtype)
         if quant is not None:

@@ -1,0 +1,21 @@
+"""Drop-in classes for code written against the inference classes shardgen replaces.
+
+Each keeps its constructor and call signatures and runs on shardgen's `LLM` (or, for `Inferencer.run`, on the
+embedded run machinery, so a long test set is sharded and resumable):
+
+    Inference            finetuning_suite's Inference(model_id, device, max_length, quantize, quantization_config)
+    GPTQInference        GPTQInference(model_id, quantization_config_bits, quantization_config_dataset, max_length)
+    FalconInference      the Falcon text-generation pipeline call (max_length, top_k, num_return_sequences)
+    Inferencer           a fine-tuning suite's TOML-driven Inferencer, with its ConfigManager
+    Generator            Mini-LLM's Generator(checkpoint_path, tokenizer_path, device)
+
+Only the import line changes: `from shardgen.compat import Inference`.
+"""
+
+from .falcon import FalconInference
+from .generator import Generator
+from .gptq_inference import GPTQInference
+from .inference import Inference
+from .inferencer import ConfigManager, Inferencer
+
+__all__ = ["ConfigManager", "FalconInference", "GPTQInference", "Generator", "Inference", "Inferencer"]

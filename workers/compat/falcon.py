@@ -1,0 +1,75 @@
+"""The Falcon text-generation pipeline: a 4-bit Falcon model answering `pipeline(prompt, max_length, top_k, ...)`.
+
+    falcon = FalconInference("tiiuae/falcon-7b-instruct", quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    for seq in falcon(prompt, max_length=300, do_sample=True, top_k=10, num_return_sequences=1):
+        print(seq["generated_text"])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shardgen.workers.api import LLM
+
+from .texts import complete, length_limit
+
+
+class FalconInference:
+    """Called like the pipeline it replaces; returns `[{"generated_text": prompt + continuation}, ...]`.
+
+    Falcon checkpoints of both layouts (the new decoder, and the 7B-style multi-query / parallel attention) run
+    natively in transformers, so `trust_remote_code` is not needed (it is passed on when given)."""
+
+    def __init__(
+        self,
+        model: str = "tiiuae/falcon-7b-instruct",
+        *,
+        quantization_config: Any = None,
+        device: str | None = None,
+        max_length: int = 300,
+        top_k: int = 10,
+        num_return_sequences: int = 1,
+        **options: Any,
+    ):
+        self.max_length = max_length
+        self.top_k = top_k
+        self.num_return_sequences = num_return_sequences
+        self.llm = LLM(model, device=device, quantization_config=quantization_config, chat_template=False, **options)
+        self.device = self.llm.loaded.device
+        self.model = self.llm.loaded.model
+        self.tokenizer = self.llm.tokenizer
+
+    def __call__(
+        self,
+        prompt: str,
+        max_length: int | None = None,
+        do_sample: bool = True,
+        top_k: int | None = None,
+        num_return_sequences: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        **params: Any,
+    ) -> list[dict[str, str]]:
+        return [{"generated_text": text} for text in self.generate(
+            prompt, max_length, do_sample, top_k, num_return_sequences, eos_token_id, **params
+        )]
+
+    def generate(
+        self,
+        prompt: str,
+        max_length: int | None = None,
+        do_sample: bool = True,
+        top_k: int | None = None,
+        num_return_sequences: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        **params: Any,
+    ) -> list[str]:
+        """The generated texts alone, prompt in front unless `return_full_text=False`."""
+        sampling = {
+            "do_sample": do_sample,
+            "top_k": top_k if top_k is not None else self.top_k,
+            "num_return_sequences": num_return_sequences or self.num_return_sequences,
+            **length_limit(max_length or self.max_length),
+        }
+        if eos_token_id is not None:
+            sampling["stop_token_ids"] = eos_token_id
+        return complete(self.llm, prompt, **{**sampling, **params})
