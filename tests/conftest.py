@@ -132,6 +132,15 @@ def wait_until(condition, *, timeout: float, what: str, interval: float = 0.2):
         time.sleep(interval)
 
 
+def run_status_now(run_id: str, broker: str) -> dict:
+    """A run's status as `status --json` computes it, read in process (fast enough to poll)."""
+    from shardgen.workers.lifecycle import RunStore, run_status
+
+    store = RunStore(broker)
+    record = store.record(run_id)
+    return run_status(record, time.time(), queue_depth=store.queue_depth(record.queue), workers=store.workers())
+
+
 def chat_ids(tokenizer, question: str) -> list[int]:
     text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]

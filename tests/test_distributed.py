@@ -1,12 +1,11 @@
 """The distributed path with real parts: our own redis-server, two `shardgen worker` processes, the CLI."""
 
 import json
-import time
 
 import pyarrow.parquet as pq
 
 from shardgen.schemas.results import decode_metadata
-from tests.conftest import run_cli, write_jsonl
+from tests.conftest import run_cli, run_status_now, wait_until, write_jsonl
 
 TOPICS = ["rivers", "stars", "bread", "trains", "music", "chess"]
 
@@ -19,15 +18,11 @@ def make_rows(count):
 
 
 def wait_for_end(run_id, broker, timeout=420):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        result = run_cli("status", run_id, "--json", "--broker", broker)
-        assert result.returncode == 0, result.stderr
-        status = json.loads(result.stdout)
-        if status["state"] in ("done", "failed", "cancelled"):
-            return status
-        time.sleep(1)
-    raise AssertionError(f"run {run_id} did not finish: {status}")
+    """Poll the run until it ends; its final status comes from the real `status --json` command."""
+    wait_until(lambda: run_status_now(run_id, broker)["finished_at"] is not None, timeout=timeout, what=f"run {run_id} to end")
+    result = run_cli("status", run_id, "--json", "--broker", broker)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
 
 
 def test_two_workers_every_row_exactly_once_and_same_text_as_embedded(tmp_path, redis_url, tiny_model_dir, start_worker):
@@ -85,6 +80,12 @@ def test_a_run_reaches_only_workers_of_its_model(tmp_path, redis_url, tiny_model
                         "--model", str(tiny_model_dir), "--quantize", "int8", "--json")
     assert submitted.returncode == 0, submitted.stderr
     run_id = json.loads(submitted.stdout)["run_id"]
-    time.sleep(4)
+    # A run for the worker's own model, submitted after: once it is done, the worker had every chance to take
+    # the int8 run's shards, and must not have.
+    own = run_cli("submit", str(data), "--work-dir", str(tmp_path / "w"), "--broker", redis_url, "--model", str(tiny_model_dir),
+                  "--max-new-tokens", "2", "--json")
+    assert own.returncode == 0, own.stderr
+    assert wait_for_end(json.loads(own.stdout)["run_id"], redis_url)["state"] == "done"
     status = json.loads(run_cli("status", run_id, "--json", "--broker", redis_url).stdout)
     assert status["state"] == "queued" and status["shards_done"] == 0 and status["queue"].endswith("@int8")
+    assert status["queue_depth"] == {"waiting": 1, "backoff": 0}
