@@ -328,11 +328,9 @@ def retry(run_id: str, broker: str | None, storage_options: str | None) -> None:
 @one_line_errors
 def cancel(run_id: str, broker: str | None) -> None:
     """Stop RUN_ID: queued shards are dropped, running ones stop at their next step. `retry` resumes it."""
-    from shardgen.schemas.states import RunState
-
-    state = _store(broker).cancel(run_id)
-    if state is not RunState.CANCELLED:
-        raise ShardgenError(f"run {run_id} has already ended ({state.value})", "nothing to cancel")
+    ended = _store(broker).cancel(run_id)
+    if ended is not None:
+        raise ShardgenError(f"run {run_id} has already ended ({ended.value})", "nothing to cancel")
     console.print(f"run {run_id} cancelled")
 
 

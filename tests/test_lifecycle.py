@@ -198,20 +198,20 @@ def test_cancel_racing_complete_never_overwrites_done(store):
     run_id = new_run(store, shards=1)
     claim = store.claim_next(QUEUE, "w1")
     store.complete(claim, "obj", **stats())
-    assert store.cancel(run_id) is RunState.DONE  # it had already ended: nothing changes
+    assert store.cancel(run_id) is RunState.DONE  # it had already ended (done): nothing changes
     assert counters(store, run_id) == (RunState.DONE, {"done": 1})
 
 
 def test_cancel_stops_queued_shards_and_running_ones_at_their_next_renewal(store):
     run_id = new_run(store, shards=3)
     running = store.claim_next(QUEUE, "w1")
-    assert store.cancel(run_id) is RunState.CANCELLED
+    assert store.cancel(run_id) is None
     assert counters(store, run_id) == (RunState.CANCELLED, {"running": 1, "cancelled": 2})
     assert store.claim_next(QUEUE, "w2") is None
     assert store.renew(running) == "cancelled"
     assert store.release(running, "cancelled") == "cancelled"
     assert counters(store, run_id) == (RunState.CANCELLED, {"cancelled": 3})
-    assert store.cancel(run_id) is RunState.CANCELLED
+    assert store.cancel(run_id) is RunState.CANCELLED  # already ended, cancelled
 
 
 def test_a_shard_finishing_after_cancel_still_counts_and_retry_finishes_the_rest(store):

@@ -311,12 +311,12 @@ class RunStore:
             raise _not_found(run_id)
         return requeued
 
-    def cancel(self, run_id: str) -> RunState:
-        """Cancel the run; returns CANCELLED, or the state it had already ended in."""
+    def cancel(self, run_id: str) -> RunState | None:
+        """Cancel the run; returns None, or the state it had already ended in (nothing changed then)."""
         outcome = _string(self._run("cancel", check_run_id(run_id)))
         if outcome == "missing":
             raise _not_found(run_id)
-        return RunState(outcome)
+        return RunState(outcome.removeprefix("ended:")) if outcome.startswith("ended:") else None
 
     # ------------------------------------------------------------------ workers
     def heartbeat_worker(self, info: WorkerInfo) -> None:
