@@ -3,25 +3,30 @@
 Two workloads: "ragged" (chat prompts of varied length, sampled answers that end at EOS) and "equal" (prompts of
 one length, a fixed output length with EOS ignored). Per generator and workload it reports useful tokens/s
 (generated tokens up to and including EOS), time to first token, padding waste (token positions computed that
-were not prompt or useful output), peak memory above the loaded model (counting a packed copy of a tied LM head
-that the engine adds), and the ratio to HF generate. The engine packs its model's weights in place, so
-transformers' generators run on a plain copy loaded beside it.
+were not prompt or useful output), the process's peak resident memory (RSS) during the run, and the ratio to HF
+generate.
+
+Generators run one after the other, each on a copy of the model loaded for it and freed after its runs, so a
+run's RSS is that of a process serving that generator alone. The engine runs first and the bench reports memory
+as a user sees it: process RSS before the model is loaded, after loading (and one forward, so its weights are
+resident), after the engine is built, and at the peak of each run, beside the model's footprint and the KV cache.
 """
 
 from __future__ import annotations
 
-import ctypes
+import gc
 import json
 import random
 import statistics
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 import click
 
 from shardgen.schemas.sampling import SamplingParams
+from shardgen.workers.engine.memory import peak_rss_bytes, process_rss_bytes, reset_peak_rss
 
 GENERATORS = ("engine", "hf-generate", "hf-continuous", "engine-no-kv")
 WORKLOADS = ("ragged", "equal")
@@ -62,6 +67,7 @@ class Result:
     generator: str
     workload: str
     prompts: int
+    batch_size: int | None = None
     useful_tokens: int | None = None
     seconds: float | None = None
     tokens_per_s: float | None = None
@@ -69,7 +75,13 @@ class Result:
     ttft_p95_s: float | None = None
     padding_waste: float | None = None
     """Share of computed token positions that were neither prompt nor useful output."""
-    peak_memory_mb: float | None = None
+    batch_occupancy: float | None = None
+    """Engine: share of its KV cache slots that decoded, over all decode steps."""
+    peak_rss_mb: float | None = None
+    """Peak resident memory of the whole process during the run."""
+    peak_device_mb: float | None = None
+    """On a GPU: peak memory allocated on it during the run."""
+    kv_cache_mb: float | None = None
     ratio_vs_hf: float | None = None
     path: str | None = None
     note: str | None = None
@@ -81,6 +93,25 @@ class Measured:
     first_token_s: list[float]
     computed_slots: int | None
     path: str | None = None
+    batch_size: int | None = None
+    batch_occupancy: float | None = None
+    kv_cache_bytes: int | None = None
+
+
+@dataclass
+class MemoryReport:
+    """Process RSS at the points a user sees while starting the engine, in MiB."""
+
+    rss_before_load_mb: float | None = None
+    """The interpreter, torch and shardgen, before the model is loaded."""
+    rss_loaded_mb: float | None = None
+    """After loading the model and one forward (a memory-mapped checkpoint is resident only once read)."""
+    rss_engine_mb: float | None = None
+    """After `Engine(...)`: weights packed, before any KV cache."""
+    model_footprint_mb: float | None = None
+    """transformers' get_memory_footprint() of the loaded model."""
+    engine_runs: dict[str, float] = field(default_factory=dict)
+    """Per workload: (peak RSS - RSS before load) / (model footprint + KV cache)."""
 
 
 PASSAGE_SHARE = 0.25
@@ -124,18 +155,18 @@ def build_workloads(tokenizer: Any, names: Sequence[str], count: int, max_new_to
 
 
 MEMORY_SAMPLE_SECONDS = 0.1
-"""How often memory is sampled. mallinfo2 walks the heap under its lock, a few ms in a fragmented process: at
-every 5 ms it slowed the generator being measured by a fifth; at 0.1 s it costs a few percent, alike for all."""
+"""How often RSS is sampled where the kernel's own peak record cannot be reset."""
 
 
 class PeakMemory:
-    """Peak memory above the starting point while the block runs: the CUDA allocator's, or on the CPU the bytes
-    malloc has handed out (RSS where glibc is not there), sampled. Unlike RSS, heap bytes fall again when a run
-    frees what it used, so a generator is not credited with memory an earlier one left mapped."""
+    """Peak resident memory of the whole process while the block runs: the kernel's own record (VmHWM, reset on
+    entry) on Linux, else RSS sampled every MEMORY_SAMPLE_SECONDS; and on a GPU the allocator's peak."""
 
     def __init__(self, device: str):
         self.device = device
+        self.start_bytes = 0
         self.peak_bytes = 0
+        self.device_peak_bytes: int | None = None
 
     def __enter__(self) -> "PeakMemory":
         import torch
@@ -143,18 +174,18 @@ class PeakMemory:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
-            return self
-        self._start = _memory_in_use()
-        self._max = self._start
-        self._running = True
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
+        self.start_bytes = process_rss_bytes()
+        self._sampled = self.start_bytes
+        self._kernel = reset_peak_rss()
+        self._running = not self._kernel
+        if self._running:
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
         return self
 
     def _watch(self) -> None:
         while self._running:
-            self._max = max(self._max, _memory_in_use())
+            self._sampled = max(self._sampled, process_rss_bytes())
             time.sleep(MEMORY_SAMPLE_SECONDS)
 
     def __exit__(self, *exc: Any) -> None:
@@ -162,47 +193,12 @@ class PeakMemory:
 
         if self.device.startswith("cuda"):
             torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
-            return
-        self._running = False
-        self._thread.join()
-        self.peak_bytes = max(self._max, _memory_in_use()) - self._start
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
-    )]
-
-
-def _glibc_mallinfo2() -> Callable[[], _MallInfo2] | None:
-    try:
-        function = ctypes.CDLL(None).mallinfo2
-    except (AttributeError, OSError):
-        return None
-    function.restype = _MallInfo2
-    return function
-
-
-_MALLINFO2 = _glibc_mallinfo2()
-
-
-def _memory_in_use() -> int:
-    if _MALLINFO2 is not None:
-        info = _MALLINFO2()
-        return info.uordblks + info.hblkhd  # bytes in use in the heaps plus chunks malloc mapped on its own
-    return _rss()
-
-
-def _rss() -> int:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss
-    except ImportError:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self.device_peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        if self._running:
+            self._running = False
+            self._thread.join()
+        kernel_peak = peak_rss_bytes() if self._kernel else None
+        self.peak_bytes = max(kernel_peak or 0, self._sampled, process_rss_bytes())
 
 
 def run_engine(engine: Any, workload: Workload) -> Measured:
@@ -212,13 +208,16 @@ def run_engine(engine: Any, workload: Workload) -> Measured:
     requests = [GenerationRequest(ids, seed=i) for i, ids in enumerate(workload.prompts)]
     first: dict[int, float] = {}
     useful = 0
+    before = engine.stats.copy()
     started = time.perf_counter()
     for event in engine.events(requests, workload.params):
         if isinstance(event, NewToken):
             first.setdefault(event.index, event.time - started)
         elif isinstance(event, Finished):
             useful += event.output.generated_tokens
-    return Measured(useful, list(first.values()), engine.computed_token_slots, engine.last_path)
+    stats = engine.stats.since(before)
+    return Measured(useful, list(first.values()), stats.computed_tokens, engine.last_path, stats.slots,
+                    stats.batch_occupancy, stats.cache_bytes)
 
 
 class FirstTokenStreamer:
@@ -265,7 +264,7 @@ def run_hf_generate(loaded: Any, batch_size: int, workload: Workload) -> Measure
         useful += sum(lengths)
         width = max(len(r.prompt_ids) for r in batch)
         computed += len(lengths) * (width + max(lengths) - 1)  # prefill with padding, then every row each step
-    return Measured(useful, first, computed, "hf-generate")
+    return Measured(useful, first, computed, "hf-generate", batch_size)
 
 
 def run_hf_continuous(model: Any, tokenizer: Any, workload: Workload) -> Measured:
@@ -297,10 +296,8 @@ def warm_up(loaded: Any) -> None:
         loaded.model(input_ids=torch.tensor([[loaded.tokenizer.eos_token_id or 0] * 4], device=loaded.device))
 
 
-def measure(label: str, workload: Workload, device: str, run: Callable[[], Measured], added_bytes: int = 0) -> Result:
-    """Run one generator on one workload; `added_bytes` is memory it holds beyond the model outside the run."""
-    import gc
-
+def measure(label: str, workload: Workload, device: str, run: Callable[[], Measured]) -> Result:
+    """Run one generator on one workload."""
     gc.collect()
     result = Result(label, workload.name, len(workload.prompts))
     started = time.perf_counter()
@@ -312,6 +309,7 @@ def measure(label: str, workload: Workload, device: str, run: Callable[[], Measu
         return result
     seconds = time.perf_counter() - started
     prompt_tokens = sum(len(p) for p in workload.prompts)
+    result.batch_size = measured.batch_size
     result.useful_tokens = measured.useful_tokens
     result.seconds = seconds
     result.tokens_per_s = measured.useful_tokens / seconds
@@ -320,7 +318,12 @@ def measure(label: str, workload: Workload, device: str, run: Callable[[], Measu
         result.ttft_p95_s = _percentile(measured.first_token_s, 0.95)
     if measured.computed_slots:
         result.padding_waste = max(0.0, 1 - (prompt_tokens + measured.useful_tokens) / measured.computed_slots)
-    result.peak_memory_mb = (memory.peak_bytes + added_bytes) / 2**20
+    result.batch_occupancy = measured.batch_occupancy
+    result.peak_rss_mb = memory.peak_bytes / 2**20
+    if memory.device_peak_bytes is not None:
+        result.peak_device_mb = memory.device_peak_bytes / 2**20
+    if measured.kv_cache_bytes is not None:
+        result.kv_cache_mb = measured.kv_cache_bytes / 2**20
     result.path = measured.path
     return result
 
@@ -337,29 +340,62 @@ def add_ratios(results: list[Result]) -> None:
             r.ratio_vs_hf = r.tokens_per_s / baseline[r.workload]
 
 
-def print_table(results: list[Result], header: str) -> None:
+def print_table(results: list[Result], memory: MemoryReport, header: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=header)
-    for column in ("workload", "generator", "useful tok/s", "vs HF", "TTFT p50 / p95 (s)", "padding waste", "peak mem (MB)", "note"):
+    columns = ("workload", "generator", "batch", "useful tok/s", "vs HF", "TTFT p50 / p95 (s)", "padding waste",
+               "occupancy", "peak RSS (MB)", "note")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("workload", "generator", "note") else "right")
     for r in results:
         table.add_row(
             r.workload,
             r.generator,
+            _fmt(r.batch_size, "{}"),
             _fmt(r.tokens_per_s, "{:.1f}"),
             _fmt(r.ratio_vs_hf, "{:.2f}x"),
-            f"{_fmt(r.ttft_p50_s, '{:.2f}')} / {_fmt(r.ttft_p95_s, '{:.2f}')}",
+            f"{_fmt(r.ttft_p50_s, '{:.1f}')} / {_fmt(r.ttft_p95_s, '{:.1f}')}",
             _fmt(r.padding_waste, "{:.0%}"),
-            _fmt(r.peak_memory_mb, "{:.0f}"),
+            _fmt(r.batch_occupancy, "{:.0%}"),
+            _fmt(r.peak_rss_mb, "{:.0f}"),
             r.note or (f"{r.useful_tokens} tokens in {r.seconds:.1f}s" if r.seconds else ""),
         )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    if memory.rss_engine_mb is not None:
+        console.print(
+            f"engine memory (process RSS, MB): {memory.rss_before_load_mb:.0f} before loading the model, "
+            f"{memory.rss_loaded_mb:.0f} loaded (after one forward), {memory.rss_engine_mb:.0f} with the engine built; "
+            f"model footprint {memory.model_footprint_mb:.0f}"
+        )
+        for r in results:
+            if r.generator == "engine" and r.workload in memory.engine_runs:
+                console.print(
+                    f"  {r.workload}: peak {r.peak_rss_mb:.0f} with a {r.kv_cache_mb:.0f} MB KV cache: "
+                    f"(peak - before loading) / (footprint + KV cache) = {memory.engine_runs[r.workload]:.2f}"
+                )
 
 
 def _fmt(value: float | None, pattern: str) -> str:
     return "-" if value is None else pattern.format(value)
+
+
+def parse_batch_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise click.BadParameter(f"must be a positive integer or auto, got {value!r}", param_hint="--batch-size")
+    return number
+
+
+HF_BATCH_WITH_AUTO = 16
+"""transformers' generate has no memory-sized batch: with --batch-size auto it runs at this one."""
 
 
 @click.command("bench")
@@ -367,8 +403,13 @@ def _fmt(value: float | None, pattern: str) -> str:
 @click.option("--quantize", type=click.Choice(["none", "nf4", "fp4", "int8"]), default="none", show_default=True,
               help="bitsandbytes quantization of the weights.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Batch size for every generator (engine slots, HF generate batch).")
+@click.option("--batch-size", default="16", show_default=True,
+              help="Batch size for every generator (engine slots, HF generate batch), or auto: the engine fits its "
+              f"KV cache to --max-memory and HF generate runs at {HF_BATCH_WITH_AUTO}.")
+@click.option("--max-memory", default=None, help="Memory budget of the engine under --batch-size auto (e.g. 8GiB); "
+              "default: what the process holds plus what the machine has free.")
+@click.option("--step-tokens", type=click.IntRange(min=1), default=None,
+              help="Engine: tokens per forward (decode tokens plus prefill chunks).")
 @click.option("--prompts", "prompt_count", type=click.IntRange(min=1), default=128, show_default=True,
               help="Prompts per workload.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
@@ -377,16 +418,17 @@ def _fmt(value: float | None, pattern: str) -> str:
               help="ragged: chat prompts of about 35-550 tokens (mean about 120), temperature 0.7, top_p 0.9, "
               "stop at EOS; "
               "equal: 64-token prompts, fixed output length (EOS ignored).")
-@click.option("--generators", default="engine,hf-generate,hf-continuous", show_default=True,
-              help=f"Comma-separated subset of {', '.join(GENERATORS[:3])}.")
+@click.option("--generators", default="engine,hf-generate", show_default=True,
+              help=f"Comma-separated subset of {', '.join(GENERATORS[:3])} (hf-continuous, transformers' "
+              "generate_batch, is slow and memory-hungry on a CPU).")
 @click.option("--no-kv-cache", is_flag=True, help="Also run the engine recomputing every sequence each step (slow).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the engine's decode step.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the ragged prompts and the sampling.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
-def bench(model, quantize, device, batch_size, prompt_count, max_new_tokens, workload, generators, no_kv_cache,
-          compile_, seed, as_json):
-    """Measure the engine against transformers' generate (static batches) and continuous batching
-    (generate_batch) on the same prompts: useful tokens/s, time to first token, padding waste, peak memory."""
+def bench(model, quantize, device, batch_size, max_memory, step_tokens, prompt_count, max_new_tokens, workload,
+          generators, no_kv_cache, compile_, seed, as_json):
+    """Measure the engine against transformers' generate (static batches), and optionally continuous batching
+    (generate_batch), on the same prompts: useful tokens/s, time to first token, padding waste, memory."""
     from shardgen.schemas.model import ModelSpec
     from shardgen.workers.engine import Engine
     from shardgen.workers.models.loader import load_model
@@ -397,39 +439,68 @@ def bench(model, quantize, device, batch_size, prompt_count, max_new_tokens, wor
         raise click.BadParameter(f"unknown generator(s) {', '.join(sorted(unknown))}", param_hint="--generators")
     if no_kv_cache and "engine-no-kv" not in chosen:
         chosen.append("engine-no-kv")
+    batch = parse_batch_size(batch_size)
+    hf_batch = HF_BATCH_WITH_AUTO if batch == "auto" else batch
     spec = ModelSpec(model=model, quantize=quantize)
-    loaded = load_model(spec, device)
-    workloads = build_workloads(loaded.tokenizer, WORKLOADS if workload == "both" else (workload,), prompt_count,
-                                max_new_tokens, seed)
-    # The engine packs its model's weights in place, so transformers' generators get a plain copy of their own.
-    plain = load_model(spec, device) if "engine" in chosen and set(chosen) & {"hf-generate", "hf-continuous"} else loaded
-    runners: dict[str, Callable[[Workload], Measured]] = {}
-    added_memory: dict[str, int] = {}
-    if "engine" in chosen:
-        engine = Engine(loaded, batch_size=batch_size, compile=compile_)
-        runners["engine"] = lambda w: run_engine(engine, w)
-        added_memory["engine"] = engine.packing.added_bytes if engine.packing else 0
-    if "hf-generate" in chosen:
-        runners["hf-generate"] = lambda w: run_hf_generate(plain, batch_size, w)
-    if "hf-continuous" in chosen:
-        runners["hf-continuous"] = lambda w: run_hf_continuous(plain.model, plain.tokenizer, w)
-    if "engine-no-kv" in chosen:
-        recompute = Engine(plain, batch_size=batch_size, use_kv_cache=False, pack_weights=False)
-        runners["engine-no-kv"] = lambda w: run_engine(recompute, w)
-    for copy in {id(loaded): loaded, id(plain): plain}.values():
-        warm_up(copy)
-    results = []
-    for w in workloads:
-        for name, run in runners.items():
-            results.append(measure(name, w, loaded.device, lambda: run(w), added_memory.get(name, 0)))
+    memory = MemoryReport()
+    results: list[Result] = []
+    workloads: list[Workload] = []
+    used_device = device
+
+    def run_all(name: str, run: Callable[[Workload], Measured], device_name: str) -> None:
+        for w in workloads:
+            results.append(measure(name, w, device_name, lambda: run(w)))
             done = results[-1]
             click.echo(f"{w.name}/{name}: {done.note or f'{done.useful_tokens} tokens in {done.seconds:.1f}s'}", err=True)
+
+    if "engine" in chosen:
+        gc.collect()
+        memory.rss_before_load_mb = process_rss_bytes() / 2**20
+        loaded = load_model(spec, device)
+        workloads = build_workloads(loaded.tokenizer, WORKLOADS if workload == "both" else (workload,), prompt_count,
+                                    max_new_tokens, seed)
+        warm_up(loaded)
+        memory.rss_loaded_mb = process_rss_bytes() / 2**20
+        used_device = loaded.device
+        memory.model_footprint_mb = loaded.footprint_bytes / 2**20
+        options = {} if step_tokens is None else {"step_tokens": step_tokens}
+        engine = Engine(loaded, batch_size=batch, max_memory=max_memory, compile=compile_, **options)
+        gc.collect()
+        memory.rss_engine_mb = process_rss_bytes() / 2**20
+        run_all("engine", lambda w: run_engine(engine, w), loaded.device)
+        for r in results:
+            if r.peak_rss_mb is not None and r.kv_cache_mb is not None:
+                model_and_cache = memory.model_footprint_mb + r.kv_cache_mb
+                memory.engine_runs[r.workload] = (r.peak_rss_mb - memory.rss_before_load_mb) / model_and_cache
+        del engine, loaded  # transformers' generators get a plain copy: the engine packed this one in place
+        gc.collect()
+    others = [name for name in chosen if name != "engine"]
+    if others:
+        plain = load_model(spec, device)
+        if not workloads:
+            workloads = build_workloads(plain.tokenizer, WORKLOADS if workload == "both" else (workload,),
+                                        prompt_count, max_new_tokens, seed)
+        warm_up(plain)
+        runners: dict[str, Callable[[Workload], Measured]] = {
+            "hf-generate": lambda w: run_hf_generate(plain, hf_batch, w),
+            "hf-continuous": lambda w: run_hf_continuous(plain.model, plain.tokenizer, w),
+        }
+        if "engine-no-kv" in others:
+            recompute = Engine(plain, batch_size=hf_batch, use_kv_cache=False, pack_weights=False)
+            runners["engine-no-kv"] = lambda w: run_engine(recompute, w)
+        for name in others:
+            run_all(name, runners[name], plain.device)
+        used_device = plain.device
     add_ratios(results)
-    config = dict(model=model, quantize=quantize, device=loaded.device, batch_size=batch_size, prompts=prompt_count,
+    order = {name: i for i, name in enumerate(GENERATORS)}
+    results.sort(key=lambda r: (WORKLOADS.index(r.workload), order[r.generator]))
+    config = dict(model=model, quantize=quantize, device=used_device, batch_size=batch, hf_batch_size=hf_batch,
+                  max_memory=max_memory, step_tokens=step_tokens, prompts=prompt_count,
                   max_new_tokens=max_new_tokens, seed=seed, compile=compile_)
     if as_json:
-        click.echo(json.dumps({"config": config, "results": [asdict(r) for r in results]}, indent=2))
+        click.echo(json.dumps({"config": config, "memory": asdict(memory), "results": [asdict(r) for r in results]},
+                              indent=2))
     else:
-        header = f"shardgen bench: {model} on {loaded.device}, batch {batch_size}, {prompt_count} prompts, " \
-                 f"up to {max_new_tokens} new tokens"
-        print_table(results, header)
+        header = f"shardgen bench: {model} on {used_device}, batch {batch} (HF generate {hf_batch}), {prompt_count} " \
+                 f"prompts, up to {max_new_tokens} new tokens"
+        print_table(results, memory, header)

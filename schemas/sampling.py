@@ -21,6 +21,9 @@ ALIASES = {
     "random_seed": "seed",
 }
 
+MAX_LOGPROBS = 20
+"""Most alternatives per token `logprobs` may ask for."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -54,6 +57,9 @@ class SamplingParams:
     """Beam search: stop when num_beams finished candidates exist."""
     ignore_eos: bool = False
     """Keep generating after EOS (for benchmarks)."""
+    logprobs: int | None = None
+    """Per generated token, its log-probability and the K most likely alternatives (0..20; None = off), from the
+    model's raw logits before penalty, temperature and filters."""
 
     def __post_init__(self) -> None:
         _check_int(self, "max_new_tokens", minimum=1)
@@ -69,6 +75,12 @@ class SamplingParams:
         _check_float(self, "length_penalty")
         if self.seed is not None:
             _check_int(self, "seed", minimum=0)
+        if self.logprobs is not None:
+            _check_int(self, "logprobs", minimum=0)
+            if self.logprobs > MAX_LOGPROBS:
+                raise InvalidParameter(f"logprobs must be <= {MAX_LOGPROBS}, got {self.logprobs}")
+            if self.num_beams > 1:
+                raise InvalidParameter("logprobs cannot be combined with beam search", "leave num_beams at 1")
         for name in ("early_stopping", "ignore_eos"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidParameter(f"{name} must be true or false, got {getattr(self, name)!r}")

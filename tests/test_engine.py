@@ -1,12 +1,21 @@
 import dataclasses
 
 import pytest
+import torch
 
+from shardgen.schemas.errors import InvalidParameter
 from shardgen.schemas.sampling import SamplingParams
-from shardgen.workers.engine import PATH_BEAM_SEARCH, PATH_ENGINE, Engine
-from shardgen.workers.generation import GenerationCancelled
-from shardgen.workers.generation import FINISH_LENGTH, FINISH_STOP, GenerationRequest
+from shardgen.workers.engine import PATH_BEAM_SEARCH, PATH_ENGINE, Engine, Finished, NewToken
 from shardgen.workers.engine.hf_generate import HFGenerate
+from shardgen.workers.engine.memory import CacheLayout, fit_batch_size, parse_memory_size
+from shardgen.workers.generation import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    EngineOOM,
+    GenerationCancelled,
+    GenerationRequest,
+    prompt_too_long,
+)
 from tests.conftest import chat_ids
 
 QUESTIONS = [
@@ -37,13 +46,51 @@ def token_ids(outputs):
     return [[s.token_ids for s in o.samples] for o in outputs]
 
 
-def test_greedy_matches_hf_generate_one_prompt_at_a_time(tiny_loaded, tiny_reference):
+@pytest.mark.parametrize("batch_size, step_tokens", [(3, 512), (3, 7), (16, 20), (1, 5)])
+def test_greedy_matches_hf_generate_one_prompt_at_a_time(tiny_loaded, tiny_reference, batch_size, step_tokens):
+    """Whatever the batch and however prompts are cut into chunks and packed beside decoding slots."""
     requests = requests_for(tiny_loaded.tokenizer, 10)
     params = SamplingParams(max_new_tokens=12)
-    engine = Engine(tiny_loaded, batch_size=3)
+    engine = Engine(tiny_loaded, batch_size=batch_size, step_tokens=step_tokens)
     expected = HFGenerate(tiny_reference, 1).generate(requests, params)
     assert token_ids(engine.generate(requests, params)) == token_ids(expected)
     assert engine.last_path == PATH_ENGINE
+
+
+def test_waiting_prompts_prefill_together_in_one_forward(tiny_loaded):
+    requests = requests_for(tiny_loaded.tokenizer, 6)
+    engine = Engine(tiny_loaded, batch_size=8, step_tokens=512)
+    outputs = engine.generate(requests, SamplingParams(max_new_tokens=1))
+    assert all(len(o.samples[0].token_ids) == 1 for o in outputs)
+    assert engine.stats.forwards == 1  # six prompts, one forward, each prompt's first token from its own logits
+    assert engine.stats.prefill_tokens == sum(len(r.prompt_ids) for r in requests)
+
+
+def test_a_long_prompt_prefills_in_chunks_while_the_others_keep_decoding(tiny_loaded):
+    short, long = requests_for(tiny_loaded.tokenizer, 1)[0], GenerationRequest(list(range(300, 500)), seed=1)
+    engine = Engine(tiny_loaded, batch_size=2, step_tokens=16)
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    order = [(e.index, e.token_id) for e in engine.events([short, long], params) if isinstance(e, NewToken)]
+    before_long = [index for index, _ in order[: order.index(next(t for t in order if t[0] == 1))]]
+    assert before_long == [0] * len(before_long) and len(before_long) >= 10  # 200 tokens in chunks of about 15
+    # Only the short prompt's own prefill (37 tokens, 3 steps) ran without decoding; the long prompt's 200 tokens
+    # all rode along in decode steps.
+    assert engine.stats.forwards == engine.stats.decode_steps + 3
+
+
+def test_stats_count_prefill_decode_and_occupancy(tiny_loaded):
+    requests = requests_for(tiny_loaded.tokenizer, 5)
+    engine = Engine(tiny_loaded, batch_size=4)
+    outputs = engine.generate(requests, SamplingParams(max_new_tokens=6, n=2, temperature=1.0))
+    stats = engine.stats
+    assert stats.prefill_tokens == sum(len(r.prompt_ids) for r in requests)  # once per prompt, not per sample
+    first_tokens = 5 * 2  # each sample's first token comes from its prompt's prefill
+    assert stats.decode_tokens == sum(o.generated_tokens for o in outputs) - first_tokens
+    assert stats.slots == 4 and stats.slot_steps == 4 * stats.decode_steps
+    assert 0 < stats.batch_occupancy <= 1
+    earlier = stats.copy()
+    engine.generate(requests[:1], SamplingParams(max_new_tokens=3))
+    assert engine.stats.since(earlier).prefill_tokens == len(requests[0].prompt_ids)
 
 
 def test_per_row_seed_gives_same_text_whatever_the_batch(tiny_loaded):
@@ -92,13 +139,20 @@ def test_stop_token_ids_and_stop_strings(tiny_loaded):
     assert len(cut.token_ids) < len(free.token_ids)
 
 
-def test_too_long_prompt_fails_alone(tiny_loaded):
+@pytest.mark.parametrize("generator", [Engine, HFGenerate])
+def test_too_long_prompt_fails_alone_with_the_one_context_message(tiny_loaded, generator):
     requests = requests_for(tiny_loaded.tokenizer, 2)
     too_long = GenerationRequest([42] * (tiny_loaded.context_length + 5), seed=0)
-    outputs = Engine(tiny_loaded).generate([requests[0], too_long, requests[1]], SamplingParams(max_new_tokens=4))
+    outputs = generator(tiny_loaded).generate([requests[0], too_long, requests[1]], SamplingParams(max_new_tokens=4))
+    assert outputs[1].error == prompt_too_long(tiny_loaded.context_length + 5, tiny_loaded.context_length)
     assert outputs[1].error.startswith(f"prompt has {tiny_loaded.context_length + 5} tokens; the model's context is")
     assert outputs[1].samples == []
     assert all(len(o.samples[0].token_ids) == 4 and o.error is None for o in (outputs[0], outputs[2]))
+
+
+def test_prompt_too_long_only_when_no_room_is_left():
+    assert prompt_too_long(511, 512) is None
+    assert "512 tokens" in prompt_too_long(512, 512) and "--max-prompt-tokens" in prompt_too_long(600, 512)
 
 
 def test_on_output_once_per_request_and_slots_reused(tiny_loaded):
@@ -164,8 +218,118 @@ def test_real_model_greedy_matches_hf_generate_one_at_a_time(real_loaded):
 
     requests = requests_for(real_loaded.tokenizer, 16)
     params = SamplingParams(max_new_tokens=24)
-    engine = Engine(real_loaded, batch_size=8)
-    assert engine.packing.replaced > 0, "the engine runs the packed weights and its own decode step here"
+    engine = Engine(real_loaded, batch_size=8, step_tokens=64)  # prompts in chunks, beside decoding slots
+    assert engine.packing.replaced > 0, "the engine runs the packed weights and its own step here"
     plain = load_model(ModelSpec(), "cpu")  # the engine packed real_loaded's linears; the reference stays plain
     expected = HFGenerate(plain, 1).generate(requests, params)
     assert token_ids(engine.generate(requests, params)) == token_ids(expected)
+    assert engine.stats.forwards < engine.stats.decode_steps + 16  # some prompts prefilled beside decoding
+
+
+def test_batch_size_auto_fills_the_memory_budget_up_to_what_the_call_needs(tiny_loaded):
+    requests = requests_for(tiny_loaded.tokenizer, 9)
+    engine = Engine(tiny_loaded, batch_size="auto", max_memory="64GiB")
+    outputs = engine.generate(requests, SamplingParams(max_new_tokens=4))
+    assert all(len(o.samples[0].token_ids) == 4 for o in outputs)
+    assert engine.auto_batch and engine.batch_size == engine.stats.slots == 9  # room for more; 9 are all it can fill
+    engine.batch_size = 4  # what halving after running out of memory does: fixed from then on
+    engine.generate(requests, SamplingParams(max_new_tokens=4))
+    assert not engine.auto_batch and engine.stats.slots == 4
+
+
+def test_batch_size_auto_refuses_a_budget_without_room_for_one_slot(tiny_loaded):
+    engine = Engine(tiny_loaded, batch_size="auto", max_memory="100MiB")  # less than the process already holds
+    with pytest.raises(EngineOOM, match="raise --max-memory"):
+        engine.generate(requests_for(tiny_loaded.tokenizer, 2), SamplingParams(max_new_tokens=4))
+
+
+@pytest.mark.parametrize("bad", [0, -3, "many", 2.5])
+def test_batch_size_must_be_positive_or_auto(tiny_loaded, bad):
+    with pytest.raises(InvalidParameter, match="batch_size"):
+        Engine(tiny_loaded, batch_size=bad, pack_weights=False)
+
+
+def test_fit_batch_size_divides_what_the_budget_leaves_by_a_slot():
+    gib, mib = 2**30, 2**20
+    # 8 GiB budget, 1 GiB in use, 256 MiB reserve: 6.75 GiB left, 100 MiB a slot -> 69 slots
+    assert fit_batch_size(8 * gib, 1 * gib, 100 * mib, reserve_bytes=256 * mib) == 69
+    assert fit_batch_size(8 * gib, 1 * gib, 1 * mib, reserve_bytes=256 * mib, limit=256) == 256
+    assert fit_batch_size(2 * gib, 1900 * mib, 100 * mib, reserve_bytes=0) == 1
+    assert fit_batch_size(2 * gib, 2000 * mib, 100 * mib, reserve_bytes=0) == 0
+
+
+def test_a_slot_costs_keys_and_values_of_every_layer():
+    # the default model: 30 layers, 3 kv heads of 64, float32; 680 positions (a 550-token prompt and 130 new)
+    layout = CacheLayout(layers=30, kv_heads=3, head_dim=64, dtype=torch.float32)
+    assert layout.slot_bytes(680) == 30 * 2 * 3 * 680 * 64 * 4 == 31_334_400
+    assert layout.cache_bytes(16, 680) == 16 * 31_334_400
+    assert CacheLayout(30, 3, 64, torch.bfloat16).slot_bytes(680) == 31_334_400 // 2
+
+
+@pytest.mark.parametrize("text, expected", [("8GiB", 8 * 2**30), ("6GB", 6 * 10**9), ("512M", 512 * 2**20),
+                                            ("0.5g", 2**29), ("1000", 1000), (4096, 4096)])
+def test_parse_memory_size(text, expected):
+    assert parse_memory_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "8 parsecs", "0", "-1GiB", ""])
+def test_parse_memory_size_refuses_what_is_not_a_size(text):
+    with pytest.raises(InvalidParameter, match="max_memory must be"):
+        parse_memory_size(text)
+
+
+def _forward_logprobs(loaded, prompt_ids, tokens):
+    """log_softmax of transformers' forward logits at the positions that chose `tokens`."""
+    with torch.inference_mode():
+        logits = loaded.model(input_ids=torch.tensor([prompt_ids + tokens[:-1]])).logits[0]  # [L + T - 1, V]
+    return logits[len(prompt_ids) - 1 :].log_softmax(dim=-1)  # [T, V]
+
+
+def test_greedy_logprobs_are_the_models_log_softmax_and_the_chosen_token_tops_them(tiny_loaded, tiny_reference):
+    requests = requests_for(tiny_loaded.tokenizer, 4)
+    outputs = Engine(tiny_loaded, batch_size=4).generate(requests, SamplingParams(max_new_tokens=8, logprobs=5))
+    for request, output in zip(requests, outputs):
+        sample = output.samples[0]
+        assert len(sample.logprobs) == len(sample.token_ids) == 8
+        expected = _forward_logprobs(tiny_reference, request.prompt_ids, sample.token_ids)
+        for step, entry in enumerate(sample.logprobs):
+            assert entry.token_id == sample.token_ids[step]
+            assert entry.logprob == pytest.approx(expected[step, entry.token_id].item(), abs=1e-4)
+            top = expected[step].topk(5)
+            assert list(entry.top_token_ids) == top.indices.tolist()
+            assert entry.top_logprobs == pytest.approx(top.values.tolist(), abs=1e-4)
+            assert entry.top_token_ids[0] == entry.token_id  # greedy: the argmax is the top alternative
+
+
+def test_logprobs_are_raw_for_sampled_tokens_and_do_not_depend_on_the_batch(tiny_loaded, tiny_reference):
+    requests = requests_for(tiny_loaded.tokenizer, 6, seed_base=10)
+    params = SamplingParams(max_new_tokens=6, temperature=0.7, top_p=0.9, logprobs=3)
+    together = Engine(tiny_loaded, batch_size=6).generate(requests, params)
+    alone = Engine(tiny_loaded, batch_size=1, step_tokens=8).generate(requests, params)
+    assert token_ids(together) == token_ids(alone)
+    for a, b in zip(together, alone):
+        for x, y in zip(a.samples[0].logprobs, b.samples[0].logprobs):
+            assert x.top_token_ids == y.top_token_ids
+            assert x.logprob == pytest.approx(y.logprob, abs=1e-5)
+    sample = together[0].samples[0]
+    expected = _forward_logprobs(tiny_reference, requests[0].prompt_ids, sample.token_ids)
+    untempered = [expected[i, t].item() for i, t in enumerate(sample.token_ids)]
+    assert [e.logprob for e in sample.logprobs] == pytest.approx(untempered, abs=1e-4)
+
+
+def test_hf_generate_reports_the_same_logprobs(tiny_loaded, tiny_reference):
+    requests = requests_for(tiny_loaded.tokenizer, 3)
+    params = SamplingParams(max_new_tokens=6, logprobs=2)
+    engine = Engine(tiny_loaded, batch_size=3).generate(requests, params)
+    hf = HFGenerate(tiny_reference, 1).generate(requests, params)
+    for a, b in zip(engine, hf):
+        assert [e.top_token_ids for e in a.samples[0].logprobs] == [e.top_token_ids for e in b.samples[0].logprobs]
+        assert [e.logprob for e in a.samples[0].logprobs] == pytest.approx([e.logprob for e in b.samples[0].logprobs], abs=1e-4)
+
+
+def test_logprobs_off_or_zero(tiny_loaded):
+    request = requests_for(tiny_loaded.tokenizer, 1)
+    engine = Engine(tiny_loaded)
+    assert engine.generate(request, SamplingParams(max_new_tokens=3))[0].samples[0].logprobs is None
+    entries = engine.generate(request, SamplingParams(max_new_tokens=3, logprobs=0))[0].samples[0].logprobs
+    assert len(entries) == 3 and all(e.top_token_ids == () and e.logprob <= 0 for e in entries)

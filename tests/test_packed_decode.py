@@ -1,19 +1,23 @@
-"""The engine's fast path on the CPU: packed linear layers and its own decode step for llama-family models."""
+"""The engine's fast path: packed linear layers, step planning, and its own forward step for llama-family models."""
+
+from pathlib import Path
 
 import pytest
 import torch
 
-from shardgen.workers.engine.llama_step import (
-    AttentionGroup,
-    DecoderParts,
-    attention_groups,
-    decode_step,
-    prefill_step,
-    unsupported_reason,
-)
 from shardgen.workers.engine import Engine
-from shardgen.workers.engine.scheduler import _Slot
+from shardgen.workers.engine.kv_cache import SlotCache
+from shardgen.workers.engine.llama_step import DecoderParts, forward_step, unsupported_reason
 from shardgen.workers.engine.packed_linear import PackedLinear, pack_linears
+from shardgen.workers.engine.step_plan import (
+    AttentionGroup,
+    DecodeToken,
+    PrefillChunk,
+    attention_groups,
+    decode_groups,
+    plan_step,
+    split_prefill,
+)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -35,6 +39,19 @@ def test_packed_linear_multiplies_at_most_block_rows_at_a_time(monkeypatch):
     monkeypatch.setattr(packed, "_multiply", lambda rows: seen.append(rows.shape[0]) or multiply(rows))
     packed(torch.randn(40, 8))
     assert seen == [16, 16, 8]
+
+
+@pytest.mark.parametrize("features", [(576, 1536), (1536, 576), (576, 192)])  # the default model's shapes
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(features):
+    """So a token's logits are the same whatever shares its step (one row alone has a kernel of its own)."""
+    torch.manual_seed(0)
+    packed = PackedLinear(torch.nn.Linear(*features, bias=False))
+    x = torch.randn(37, features[0])
+    with torch.no_grad():
+        together = packed(x)
+        for row in (0, 3, 16, 36):
+            assert torch.equal(packed(x[row : row + 1])[0], together[row])
+            assert torch.equal(packed(x[row : row + 5])[0], together[row])
 
 
 def test_pack_linears_replaces_plain_float_linears_once_and_counts_a_tied_head():
@@ -62,39 +79,92 @@ def test_pack_linears_leaves_a_half_precision_model_alone():
     assert type(model[0]) is torch.nn.Linear
 
 
-def _engine_mid_generation(loaded, active):
-    """An engine whose cache holds random keys and values for `active` slots of different lengths."""
-    engine = Engine(loaded, batch_size=8)
-    engine._ensure_buffers(8, 64)
+def _mapped_files() -> str:
+    return Path("/proc/self/maps").read_text()
+
+
+def test_packing_lets_go_of_the_memory_mapped_checkpoint(tiny_model_dir):
+    """The checkpoint's mapping would keep every replaced weight resident beside its packed copy."""
+    from shardgen.schemas.model import ModelSpec
+    from shardgen.workers.models.loader import load_model
+
+    if not Path("/proc/self/maps").exists():
+        pytest.skip("needs Linux's /proc to see the process's memory mappings")
+    loaded = load_model(ModelSpec(model=str(tiny_model_dir)), "cpu")
+    checkpoint = str(tiny_model_dir / "model.safetensors")
+    assert checkpoint in _mapped_files(), "the checkpoint is expected to load memory-mapped"
+    before = {name: p.detach().clone() for name, p in loaded.model.named_parameters() if "embed" in name or "norm" in name}
+    Engine(loaded)
+    assert checkpoint not in _mapped_files()
+    after = dict(loaded.model.named_parameters())
+    assert all(torch.equal(after[name], value) for name, value in before.items())  # copied, not changed
+
+
+def _random_cache(loaded, slots=8, capacity=128) -> tuple[Engine, SlotCache]:
+    engine = Engine(loaded, batch_size=slots)
+    cache = SlotCache(engine._layout, slots, capacity, "cpu")
     torch.manual_seed(0)
-    for tensor in engine.cache.keys + engine.cache.values:
+    for tensor in cache.keys + cache.values:
         tensor.normal_()
-    slots = [_Slot(0, i, list(range(10, 20 + 3 * i)), 16, None, tokens=[100 + i]) for i in range(active)]
-    return engine, slots
+    return engine, cache
 
 
-def test_decode_step_gives_the_logits_and_cache_entries_of_the_models_own_forward(tiny_loaded):
+def test_forward_step_decodes_as_the_models_own_forward(tiny_loaded):
     assert unsupported_reason(tiny_loaded.model) is None
-    engine, slots = _engine_mid_generation(tiny_loaded, active=5)
-    input_ids = torch.tensor([s.tokens[-1] for s in slots])
-    positions = torch.tensor([s.position for s in slots])
-    everyone = [AttentionGroup(0, 5, int(positions.max()) + 1)]
+    engine, cache = _random_cache(tiny_loaded)
+    engine.cache = cache
+    decode = [DecodeToken(row, 100 + row, 20 + 3 * row) for row in range(5)]
     with torch.inference_mode():
-        expected = engine._model_step(input_ids, positions, everyone)
-        expected_keys = [k[:5].clone() for k in engine.cache.keys]
-        for tensor in engine.cache.keys:
-            tensor[torch.arange(5), :, positions] = 0  # forget what the model's forward wrote; decode_step must write it again
+        expected = engine._model_decode(decode)  # the model's forward over the slot cache (slot_attention)
+        expected_keys = [k[:5].clone() for k in cache.keys]
+        positions = torch.tensor([token.position for token in decode])
+        for tensor in cache.keys:
+            tensor[torch.arange(5), :, positions] = 0  # forget what the model's forward wrote; the step must write it
         parts = DecoderParts.of(tiny_loaded.model)
-        logits = decode_step(parts, engine.cache.keys, engine.cache.values, input_ids, positions, everyone)
-        split = [AttentionGroup(0, 2, 24), AttentionGroup(2, 3, 26), AttentionGroup(3, 5, 32)]
-        logits_split = decode_step(parts, engine.cache.keys, engine.cache.values, input_ids, positions, split)
+        logits = forward_step(parts, cache.keys, cache.values, plan_step(decode, [], "cpu"))
+        one_group = forward_step(parts, cache.keys, cache.values, plan_step(decode, [], "cpu", split_groups=False))
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(logits_split, expected, rtol=1e-4, atol=1e-4)
-    for written, reference in zip(engine.cache.keys, expected_keys):
+    torch.testing.assert_close(one_group, expected, rtol=1e-4, atol=1e-4)
+    for written, reference in zip(cache.keys, expected_keys):
         torch.testing.assert_close(written[:5], reference, rtol=1e-5, atol=1e-5)
 
 
-def test_models_the_decode_step_does_not_know_keep_the_generic_path(tiny_loaded):
+@pytest.mark.parametrize("chunk", [37, 16, 5])
+def test_a_prompt_prefilled_in_chunks_gets_the_models_keys_values_and_logits(tiny_loaded, tiny_reference, chunk):
+    engine, cache = _random_cache(tiny_loaded, slots=4, capacity=64)
+    prompt = list(range(200, 237))
+    parts = DecoderParts.of(tiny_loaded.model)
+    with torch.inference_mode():
+        for start in range(0, len(prompt), chunk):
+            tokens = prompt[start : start + chunk]
+            plan = plan_step([], [PrefillChunk(2, start, tokens, start + chunk >= len(prompt))], "cpu")
+            logits = forward_step(parts, cache.keys, cache.values, plan)
+        out = tiny_reference.model(input_ids=torch.tensor([prompt]), use_cache=True)
+    torch.testing.assert_close(logits, out.logits[:, -1], rtol=1e-4, atol=1e-4)
+    for layer, reference in enumerate(out.past_key_values.layers):
+        torch.testing.assert_close(cache.keys[layer][2:3, :, : len(prompt)], reference.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache.values[layer][2:3, :, : len(prompt)], reference.values, rtol=1e-5, atol=1e-5)
+
+
+def test_a_mixed_step_computes_exactly_what_its_parts_compute_alone(tiny_loaded):
+    """Decode tokens and prompt chunks packed into one forward: every token's numbers as in a step of its own."""
+    decode = [DecodeToken(0, 5, 20), DecodeToken(1, 6, 33), DecodeToken(3, 7, 10)]
+    chunks = [PrefillChunk(5, 0, list(range(100, 137)), True), PrefillChunk(6, 12, list(range(200, 230)), True)]
+    engine, mixed_cache = _random_cache(tiny_loaded)
+    _, alone_cache = _random_cache(tiny_loaded)
+    parts = DecoderParts.of(tiny_loaded.model)
+    with torch.inference_mode():
+        mixed = forward_step(parts, mixed_cache.keys, mixed_cache.values, plan_step(decode, chunks, "cpu"))
+        alone = torch.cat([
+            forward_step(parts, alone_cache.keys, alone_cache.values, plan_step(decode, [], "cpu")),
+            *(forward_step(parts, alone_cache.keys, alone_cache.values, plan_step([], [c], "cpu")) for c in chunks),
+        ])
+    assert mixed.shape == (5, tiny_loaded.model.config.vocab_size)
+    assert torch.equal(mixed, alone)
+    assert all(torch.equal(a, b) for a, b in zip(mixed_cache.keys + mixed_cache.values, alone_cache.keys + alone_cache.values))
+
+
+def test_models_the_step_does_not_know_keep_the_generic_path(tiny_loaded):
     model = tiny_loaded.model
     original = model.config.model_type
     try:
@@ -117,14 +187,27 @@ def test_attention_groups_cover_the_slots_and_split_only_when_reading_less_pays(
     assert all(g.used == max(ragged[g.start : g.stop]) + 1 for g in groups)
 
 
-def test_prefill_step_writes_the_keys_and_values_the_models_forward_computes(tiny_loaded, tiny_reference):
-    engine = Engine(tiny_loaded, batch_size=4)
-    engine._ensure_buffers(4, 64)
-    prompt = list(range(200, 237))
-    with torch.inference_mode():
-        logits = prefill_step(DecoderParts.of(tiny_loaded.model), engine.cache.keys, engine.cache.values, torch.tensor(prompt), 2)
-        out = tiny_reference.model(input_ids=torch.tensor([prompt]), use_cache=True)
-    torch.testing.assert_close(logits, out.logits[:, -1], rtol=1e-4, atol=1e-4)
-    for layer, reference in enumerate(out.past_key_values.layers):
-        torch.testing.assert_close(engine.cache.keys[layer][2:3, :, : len(prompt)], reference.keys, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(engine.cache.values[layer][2:3, :, : len(prompt)], reference.values, rtol=1e-5, atol=1e-5)
+def test_decode_groups_never_span_a_row_that_is_not_decoding():
+    # rows 2 and 5 are being prefilled (or free): groups stay within runs 0-1, 3-4 and 6
+    decode = [DecodeToken(row, 1, 40) for row in (0, 1, 3, 4, 6)]
+    groups = decode_groups(decode)
+    assert [(g.start, g.stop, g.query_start) for g in groups] == [(0, 2, 0), (3, 5, 2), (6, 7, 4)]
+    assert decode_groups(decode, split=False) == groups  # equal lengths: one group per run either way
+
+
+def test_plan_step_packs_decode_tokens_then_chunks_and_asks_logits_only_where_a_prompt_ends():
+    decode = [DecodeToken(0, 11, 7), DecodeToken(1, 12, 3)]
+    chunks = [PrefillChunk(4, 0, [1, 2, 3], wants_logits=False), PrefillChunk(2, 5, [4, 5], wants_logits=True)]
+    batch = plan_step(decode, chunks, "cpu")
+    assert batch.input_ids.tolist() == [11, 12, 1, 2, 3, 4, 5]
+    assert batch.positions.tolist() == [7, 3, 0, 1, 2, 5, 6]
+    assert batch.rows.tolist() == [0, 1, 4, 4, 4, 2, 2]
+    assert [(c.row, c.start, c.length, c.offset) for c in batch.chunks] == [(4, 0, 3, 2), (2, 5, 2, 5)]
+    assert batch.logit_index.tolist() == [0, 1, 6]
+    assert batch.decode_tokens == 2 and batch.prefill_tokens == 5
+
+
+def test_split_prefill_serves_prompts_in_admission_order_within_the_budget():
+    assert split_prefill([30, 100, 20], 64) == [30, 34, 0]
+    assert split_prefill([10, 5], 64) == [10, 5]
+    assert split_prefill([500], 64) == [64]

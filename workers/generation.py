@@ -23,11 +23,26 @@ class GenerationRequest:
     """Per-row seed: the same seed gives the same text whatever else shares the batch."""
 
 
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probabilities at one generated position, from the model's raw logits (before repetition penalty,
+    temperature and filters, as vLLM reports them): what the model thought, not what the sampler drew from."""
+
+    token_id: int
+    logprob: float
+    """Of the token generated here."""
+    top_token_ids: tuple[int, ...] = ()
+    """The K most likely tokens here, most likely first (K = SamplingParams.logprobs)."""
+    top_logprobs: tuple[float, ...] = ()
+
+
 @dataclass
 class Sample:
     text: str
     token_ids: list[int]
     finish_reason: str
+    logprobs: list[TokenLogprobs] | None = None
+    """One entry per token of token_ids when SamplingParams.logprobs is set, else None."""
 
 
 @dataclass
@@ -45,6 +60,19 @@ class GenerationOutput:
     @classmethod
     def failed(cls, message: str, prompt_tokens: int = 0) -> "GenerationOutput":
         return cls(samples=[], prompt_tokens=prompt_tokens, error=message)
+
+
+def prompt_too_long(prompt_tokens: int, context_length: int) -> str | None:
+    """Why a prompt cannot be generated from (no room left in the model's context), or None if it can.
+
+    Every generator and shard processing use this one check, so a row fails with the same message wherever it
+    is caught."""
+    if prompt_tokens < context_length:
+        return None
+    return (
+        f"prompt has {prompt_tokens} tokens; the model's context is {context_length} tokens, leaving no room to "
+        "generate: shorten the prompt or pass --max-prompt-tokens"
+    )
 
 
 class GenerationCancelled(RuntimeError):

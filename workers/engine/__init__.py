@@ -1,6 +1,7 @@
-"""The generation engine: continuous batching over a slot KV cache, its own llama-family steps, sampling."""
+"""The generation engine: continuous batching over a slot KV cache, chunked prefill, its own llama-family step."""
 
 from .scheduler import (
+    AUTO,
     PATH_BEAM_SEARCH,
     PATH_ENGINE,
     PATH_ENGINE_RECOMPUTE,
@@ -10,9 +11,12 @@ from .scheduler import (
     Finished,
     NewToken,
 )
+from .stats import EngineStats
 
 __all__ = [
+    "AUTO",
     "Engine",
+    "EngineStats",
     "Event",
     "Finished",
     "NewToken",

@@ -18,8 +18,11 @@ from ..generation import (
     GenerationRequest,
     OnOutput,
     Sample,
+    TokenLogprobs,
+    prompt_too_long,
 )
 from ..models.loader import LoadedModel
+from .sampling import token_logprobs
 from .stop import truncate_at_stop
 
 
@@ -74,32 +77,62 @@ class HFGenerate:
             )
         return kwargs
 
-    @torch.inference_mode()
     def _generate_batch(self, batch: Sequence[GenerationRequest], params: SamplingParams) -> list[GenerationOutput]:
+        """Outputs of a batch in order; prompts that leave no room in the context fail alone."""
+        outputs: list[GenerationOutput | None] = []
+        runnable = []
+        for request in batch:
+            error = prompt_too_long(len(request.prompt_ids), self.loaded.context_length)
+            outputs.append(None if error is None else GenerationOutput.failed(error, len(request.prompt_ids)))
+            if error is None:
+                runnable.append(request)
+        generated = iter(self._generate(runnable, params) if runnable else [])
+        return [output if output is not None else next(generated) for output in outputs]
+
+    @torch.inference_mode()
+    def _generate(self, batch: Sequence[GenerationRequest], params: SamplingParams) -> list[GenerationOutput]:
         loaded = self.loaded
         width = max(len(r.prompt_ids) for r in batch)
         pad = loaded.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch])
         attention = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch])
+        kwargs = self.generation_kwargs(params)
+        if params.logprobs is not None:
+            kwargs.update(output_logits=True, return_dict_in_generate=True)
         torch.manual_seed(batch[0].seed)
         started = time.perf_counter()
         generated = loaded.model.generate(
-            input_ids=input_ids.to(loaded.device),
-            attention_mask=attention.to(loaded.device),
-            **self.generation_kwargs(params),
+            input_ids=input_ids.to(loaded.device), attention_mask=attention.to(loaded.device), **kwargs
         )
         elapsed = time.perf_counter() - started
-        new_tokens = generated[:, width:].tolist()
+        sequences = generated.sequences if params.logprobs is not None else generated
+        new_tokens = sequences[:, width:].tolist()
+        logprobs = self._logprobs(generated.logits, sequences[:, width:], params.logprobs) if params.logprobs is not None else None
         stop_ids = set(loaded.eos_token_ids) | set(params.stop_token_ids)
         outputs = []
         for i, request in enumerate(batch):
-            samples = [
-                self._sample(new_tokens[i * params.n + j], stop_ids, params) for j in range(params.n)
-            ]
+            samples = []
+            for j in range(params.n):
+                row = i * params.n + j
+                samples.append(self._sample(new_tokens[row], logprobs[row] if logprobs else None, stop_ids, params))
             outputs.append(GenerationOutput(samples, len(request.prompt_ids), elapsed))
         return outputs
 
-    def _sample(self, tokens: list[int], stop_ids: set[int], params: SamplingParams) -> Sample:
+    @staticmethod
+    def _logprobs(step_logits: Sequence[torch.Tensor], tokens: torch.Tensor, top: int) -> list[list[TokenLogprobs]]:
+        """Per row, the logprobs of each generated token from generate's raw (unprocessed) logits."""
+        # step_logits[t]: [rows, V]; tokens: [rows, T] -> rows lists of T entries
+        rows: list[list[TokenLogprobs]] = [[] for _ in range(tokens.shape[0])]
+        for step, logits in enumerate(step_logits):
+            chosen, values, ids = (t.tolist() for t in token_logprobs(logits, tokens[:, step], top))
+            for row, entries in enumerate(rows):
+                token = int(tokens[row, step])
+                entries.append(TokenLogprobs(token, chosen[row], tuple(ids[row]), tuple(values[row])))
+        return rows
+
+    def _sample(
+        self, tokens: list[int], logprobs: list[TokenLogprobs] | None, stop_ids: set[int], params: SamplingParams
+    ) -> Sample:
         kept: list[int] = []
         finish = FINISH_LENGTH
         for token in tokens:
@@ -112,4 +145,4 @@ class HFGenerate:
             kept.pop()
         text = self.loaded.tokenizer.decode(kept, skip_special_tokens=True)
         text, hit = truncate_at_stop(text, params.stop)
-        return Sample(text, kept, FINISH_STOP if hit else finish)
+        return Sample(text, kept, FINISH_STOP if hit else finish, logprobs[: len(kept)] if logprobs is not None else None)

@@ -6,25 +6,37 @@ from typing import Any
 
 import torch
 
+from .memory import CacheLayout
+
 
 class SlotCache:
-    """Per-layer keys and values, [slots, kv_heads, capacity, head_dim]; one row per sample being generated."""
+    """Per-layer keys and values, [slots, kv_heads, capacity, head_dim]; one row per sample being generated.
 
-    def __init__(self, layers: int, slots: int, kv_heads: int, capacity: int, head_dim: int, dtype, device):
-        shape = (slots, kv_heads, capacity, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+    Zero-filled: positions past a slot's length are masked out of attention, but they still go through its
+    matmuls, where a NaN left in freshly allocated memory would spread."""
+
+    def __init__(self, layout: CacheLayout, slots: int, capacity: int, device: torch.device | str):
+        shape = (slots, layout.kv_heads, capacity, layout.head_dim)
+        self.keys = [torch.zeros(shape, dtype=layout.dtype, device=device) for _ in range(layout.layers)]
+        self.values = [torch.zeros(shape, dtype=layout.dtype, device=device) for _ in range(layout.layers)]
         self.slots = slots
         self.capacity = capacity
+        self.nbytes = layout.cache_bytes(slots, capacity)
 
-    def write_prompt(self, rows: range, prompt_keys: list[torch.Tensor], prompt_values: list[torch.Tensor]) -> None:
-        # prompt_keys[layer]: [1, kv_heads, L, head_dim], copied into rows at positions [0, L)
+    def fits(self, slots: int, capacity: int) -> bool:
+        return self.slots >= slots and self.capacity >= capacity
+
+    def write_prompt(self, row: int, prompt_keys: list[torch.Tensor], prompt_values: list[torch.Tensor]) -> None:
+        # prompt_keys[layer]: [1, kv_heads, L, head_dim], copied into `row` at positions [0, L)
         length = prompt_keys[0].shape[-2]
         for layer, (keys, values) in enumerate(zip(prompt_keys, prompt_values)):
-            self.keys[layer][rows.start : rows.stop, :, :length] = keys
-            self.values[layer][rows.start : rows.stop, :, :length] = values
+            self.keys[layer][row, :, :length] = keys[0]
+            self.values[layer][row, :, :length] = values[0]
 
-    def move_row(self, source: int, target: int, length: int) -> None:
+    def copy_row(self, source: int, target: int, length: int) -> None:
+        """Copy the first `length` positions of a row into another (moving a slot, or sharing a prompt)."""
+        if length == 0 or source == target:
+            return
         for tensors in (self.keys, self.values):
             for layer in tensors:
                 layer[target, :, :length] = layer[source, :, :length]
@@ -34,7 +46,7 @@ class SlotCache:
 
 
 class DecodeStepCache:
-    """What the model sees as past_key_values for one decode step over the occupied prefix of slots."""
+    """What the model sees as past_key_values for one decode step over the first A rows (the generic path)."""
 
     def __init__(self, cache: SlotCache, positions: torch.Tensor, used: int):
         self.cache = cache
@@ -52,4 +64,3 @@ class DecodeStepCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.used
-

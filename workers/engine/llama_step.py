@@ -1,10 +1,12 @@
-"""The engine's own decode step for llama-family decoders (Llama, Mistral, Qwen2), gpt-fast style.
+"""The engine's own forward step for llama-family decoders (Llama, Mistral, Qwen2), gpt-fast style.
 
 Through the model's forward, a batched decode step pays for mask building, cache objects, a general attention
-kernel for a handful of query rows and module plumbing around every layer. This step calls the same layer
-modules (plain, packed or quantized linears alike) and does the rest itself: new keys and values are written
-straight into the slot cache, and attention over the occupied slots is two batched matmuls in which the query
-heads sharing a key head are rows of one matrix. Other architectures keep the generic path through the model.
+kernel for a handful of query rows and module plumbing around every layer, and prompts of different lengths
+must be padded to share a forward. This step calls the same layer modules (plain, packed or quantized linears
+alike) on a packed sequence of tokens and does the rest itself: new keys and values are written straight into
+the slot cache, decode attention is two batched matmuls in which the query heads sharing a key head are rows of
+one matrix, and each prompt chunk attends causally over its own slot. Other architectures keep the generic path
+through the model.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
+
+from .memory import CacheLayout
+from .step_plan import StepBatch
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -46,6 +51,10 @@ class DecoderParts:
             head_dim=head_dim,
             scaling=head_dim**-0.5,
         )
+
+    def cache_layout(self) -> CacheLayout:
+        """The slot cache this model needs, read from its configuration: keys and values in the hidden dtype."""
+        return CacheLayout(len(self.layers), self.kv_heads, self.head_dim, self.embed.weight.dtype)
 
 
 def unsupported_reason(model: torch.nn.Module) -> str | None:
@@ -88,45 +97,6 @@ def mask_bias(positions: torch.Tensor, used: int, dtype: torch.dtype) -> torch.T
     return bias.masked_fill_(beyond, float("-inf"))[:, None, None, :]
 
 
-GROUP_OVERHEAD = 20e-6
-"""Seconds an attention call costs whatever its size (measured on a 2-core CPU: about 20 microseconds)."""
-SLOT_POSITION_COST = 135e-9
-"""Seconds per (slot, cached position) an attention call reads and computes (same CPU, 3 kv heads of 64)."""
-
-
-@dataclass(frozen=True)
-class AttentionGroup:
-    start: int
-    stop: int
-    used: int  # cached positions the group's slots attend over: its longest slot's position + 1
-
-
-def attention_groups(positions: list[int]) -> list[AttentionGroup]:
-    """Split the occupied slots into runs that attend separately, each only as far as its own longest slot.
-
-    One call for all slots reads every slot's cache up to the longest one's position; a call per slot reads
-    only what each needs but pays the per-call cost 16 times. The cheapest split into contiguous runs is found
-    by dynamic programming over the cost model above (slots are few, so this is quick).
-    """
-    count = len(positions)
-    best = [0.0] + [float("inf")] * count  # best[j]: cost of slots [0, j)
-    cut = [0] * (count + 1)
-    for stop in range(1, count + 1):
-        longest = 0
-        for start in range(stop - 1, -1, -1):
-            longest = max(longest, positions[start] + 1)
-            cost = best[start] + GROUP_OVERHEAD + SLOT_POSITION_COST * (stop - start) * longest
-            if cost < best[stop]:
-                best[stop], cut[stop] = cost, start
-    groups = []
-    stop = count
-    while stop > 0:
-        start = cut[stop]
-        groups.append(AttentionGroup(start, stop, max(positions[start:stop]) + 1))
-        stop = start
-    return groups[::-1]
-
-
 def feed_forward(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """A decoder layer's second half: normalized, through the SiLU-gated MLP, added to the residual."""
     # hidden: [..., hidden] -> same shape
@@ -135,85 +105,84 @@ def feed_forward(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return hidden + mlp.down_proj(F.silu(mlp.gate_proj(normed)) * mlp.up_proj(normed))
 
 
-def cache_rows(positions: torch.Tensor, kv_heads: int, capacity: int) -> torch.Tensor:
-    """Row of each (slot, kv head)'s new entry in a layer's cache viewed as [slots * kv_heads * capacity, D]."""
-    # positions: [A] (slot i is row i) -> [A * kv_heads]
-    active = positions.shape[0]
-    slot_heads = torch.arange(active * kv_heads, device=positions.device).view(active, kv_heads)
-    return (slot_heads * capacity + positions[:, None]).flatten()
+def cache_index(rows: torch.Tensor, positions: torch.Tensor, kv_heads: int, capacity: int) -> torch.Tensor:
+    """Index of each (token, kv head)'s entry in a layer's cache viewed as [slots * kv_heads * capacity, D]."""
+    # rows, positions: [N] -> [N * kv_heads]
+    heads = torch.arange(kv_heads, device=rows.device)
+    return ((rows[:, None] * kv_heads + heads) * capacity + positions[:, None]).flatten()
 
 
-def decode_step(
-    parts: DecoderParts,
-    keys: list[torch.Tensor],
-    values: list[torch.Tensor],
-    input_ids: torch.Tensor,
-    positions: torch.Tensor,
-    groups: list[AttentionGroup],
+def chunk_mask(start: int, length: int, device: torch.device) -> torch.Tensor:
+    """Causal mask of a chunk whose first token is at position `start`: token i sees positions 0..start + i."""
+    # -> [length, start + length] bool (True = attend)
+    keys = torch.arange(start + length, device=device)
+    return keys[None, :] <= torch.arange(start, start + length, device=device)[:, None]
+
+
+def attend(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: StepBatch, scaling: float
 ) -> torch.Tensor:
-    """Logits of the next token for the first A slots; their new keys and values are written into the cache."""
-    # keys[layer], values[layer]: [slots, Hkv, capacity, D]; input_ids, positions: [A] -> logits [A, V]
-    # groups: contiguous runs covering [0, A) (attention_groups)
-    active = input_ids.shape[0]
+    """Attention of every token of a step over its own slot's cached keys (its new key already written)."""
+    # query: [N, H, D]; keys, values: [slots, Hkv, capacity, D] -> [N, H * D]
+    tokens, heads, head_dim = query.shape
+    kv_heads = keys.shape[1]
+    outputs = []
+    if batch.groups:
+        grouped = query[: batch.decode_tokens].view(batch.decode_tokens, kv_heads, heads // kv_heads, head_dim)
+        for group in batch.groups:
+            count = group.stop - group.start
+            bias = mask_bias(batch.positions[group.query_start : group.query_start + count], group.used, query.dtype)
+            attended = grouped_attention(
+                grouped[group.query_start : group.query_start + count],
+                keys[group.start : group.stop, :, : group.used],
+                values[group.start : group.stop, :, : group.used],
+                bias,
+                scaling,
+            )  # [count, Hkv, G, D]
+            outputs.append(attended.reshape(count, heads * head_dim))
+    for chunk in batch.chunks:
+        seen = chunk.start + chunk.length
+        mask = None if chunk.start == 0 else chunk_mask(chunk.start, chunk.length, query.device)
+        attended = F.scaled_dot_product_attention(
+            query[chunk.offset : chunk.offset + chunk.length].transpose(0, 1)[None],  # [1, H, L, D]
+            keys[chunk.row : chunk.row + 1, :, :seen],
+            values[chunk.row : chunk.row + 1, :, :seen],
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=scaling,
+            enable_gqa=True,
+        )  # [1, H, L, D]
+        outputs.append(attended[0].transpose(0, 1).reshape(chunk.length, heads * head_dim))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def forward_step(
+    parts: DecoderParts, keys: list[torch.Tensor], values: list[torch.Tensor], batch: StepBatch
+) -> torch.Tensor:
+    """One step over a packed sequence of decode tokens and prefill chunks (step_plan.StepBatch).
+
+    Every token's key and value are written into its slot's row of the cache; the step returns the logits of
+    the tokens in `batch.logit_index` only, so a chunk that does not end its prompt costs no LM head.
+    """
+    # keys[layer], values[layer]: [slots, Hkv, capacity, D] -> logits [K, V]
+    tokens = batch.input_ids.shape[0]
     heads, kv_heads, head_dim = parts.heads, parts.kv_heads, parts.head_dim
     slots, _, capacity, _ = keys[0].shape
     flat = (slots * kv_heads * capacity, head_dim)
-    hidden = parts.embed(input_ids)  # [A, hidden]
-    cos, sin = parts.rotary(hidden, positions[:, None])  # [A, 1, D]
-    rows = cache_rows(positions, kv_heads, capacity)
-    biases = [mask_bias(positions[g.start : g.stop], g.used, hidden.dtype) for g in groups]
-    for index, layer in enumerate(parts.layers):
+    index = cache_index(batch.rows, batch.positions, kv_heads, capacity)  # [N * Hkv]
+    hidden = parts.embed(batch.input_ids)  # [N, hidden]
+    cos, sin = parts.rotary(hidden, batch.positions[None])  # [1, N, D]
+    cos, sin = cos[0, :, None], sin[0, :, None]  # [N, 1, D]
+    for layer_index, layer in enumerate(parts.layers):
         attention = layer.self_attn
         normed = layer.input_layernorm(hidden)
-        query = rotate(attention.q_proj(normed).view(active, heads, head_dim), cos, sin)
-        key = rotate(attention.k_proj(normed).view(active, kv_heads, head_dim), cos, sin)
-        keys[index].view(flat).index_copy_(0, rows, key.reshape(-1, head_dim).to(keys[index].dtype))
-        values[index].view(flat).index_copy_(0, rows, attention.v_proj(normed).view(-1, head_dim).to(values[index].dtype))
-        grouped_query = query.view(active, kv_heads, heads // kv_heads, head_dim)
-        attended = torch.cat([
-            grouped_attention(
-                grouped_query[g.start : g.stop],
-                keys[index][g.start : g.stop, :, : g.used],
-                values[index][g.start : g.stop, :, : g.used],
-                bias,
-                parts.scaling,
-            )
-            for g, bias in zip(groups, biases)
-        ])  # [A, Hkv, G, D]
-        hidden = hidden + attention.o_proj(attended.reshape(active, heads * head_dim).to(hidden.dtype))
+        query = rotate(attention.q_proj(normed).view(tokens, heads, head_dim), cos, sin)  # [N, H, D]
+        key = rotate(attention.k_proj(normed).view(tokens, kv_heads, head_dim), cos, sin)  # [N, Hkv, D]
+        value = attention.v_proj(normed).view(tokens, kv_heads, head_dim)
+        layer_keys, layer_values = keys[layer_index], values[layer_index]
+        layer_keys.view(flat).index_copy_(0, index, key.reshape(-1, head_dim).to(layer_keys.dtype))
+        layer_values.view(flat).index_copy_(0, index, value.reshape(-1, head_dim).to(layer_values.dtype))
+        attended = attend(query, layer_keys, layer_values, batch, parts.scaling)  # [N, H * D]
+        hidden = hidden + attention.o_proj(attended.to(hidden.dtype))
         hidden = feed_forward(layer, hidden)
-    return parts.lm_head(parts.norm(hidden))  # [A, V]
-
-
-def prefill_step(
-    parts: DecoderParts, keys: list[torch.Tensor], values: list[torch.Tensor], prompt_ids: torch.Tensor, row: int
-) -> torch.Tensor:
-    """Run one prompt, writing its keys and values straight into slot `row`; logits of its last token.
-
-    Through the model's forward the prompt's keys and values would first fill a cache of their own and then be
-    copied; here they are written once, where decoding reads them.
-    """
-    # keys[layer], values[layer]: [slots, Hkv, capacity, D]; prompt_ids: [L] -> logits [1, V]
-    length = prompt_ids.shape[0]
-    heads, kv_heads, head_dim = parts.heads, parts.kv_heads, parts.head_dim
-    hidden = parts.embed(prompt_ids)  # [L, hidden]
-    cos, sin = parts.rotary(hidden, torch.arange(length, device=prompt_ids.device)[None])  # [1, L, D]
-    cos, sin = cos[0, :, None], sin[0, :, None]  # [L, 1, D]
-    for index, layer in enumerate(parts.layers):
-        attention = layer.self_attn
-        normed = layer.input_layernorm(hidden)
-        query = rotate(attention.q_proj(normed).view(length, heads, head_dim), cos, sin)  # [L, H, D]
-        key = rotate(attention.k_proj(normed).view(length, kv_heads, head_dim), cos, sin)
-        keys[index][row, :, :length] = key.transpose(0, 1)
-        values[index][row, :, :length] = attention.v_proj(normed).view(length, kv_heads, head_dim).transpose(0, 1)
-        attended = F.scaled_dot_product_attention(
-            query.transpose(0, 1)[None],  # [1, H, L, D]
-            keys[index][row : row + 1, :, :length],
-            values[index][row : row + 1, :, :length],
-            is_causal=True,
-            scale=parts.scaling,
-            enable_gqa=True,
-        )  # [1, H, L, D]
-        hidden = hidden + attention.o_proj(attended[0].transpose(0, 1).reshape(length, heads * head_dim))
-        hidden = feed_forward(layer, hidden)
-    return parts.lm_head(parts.norm(hidden[-1:]))  # [1, V]
+    return parts.lm_head(parts.norm(hidden[batch.logit_index]))  # [K, V]

@@ -3,12 +3,17 @@
 A decode step multiplies a few rows by every weight matrix of the model. With the weights in their plain
 [out, in] layout, the kernel repacks them on each call and a batch-16 step reaches about a third of the CPU's
 matmul speed; packed once at load, the same step runs about twice as fast and the LM head about three times.
-The packed weight replaces the plain one, so memory stays the same, except that an LM head tied to the input
-embeddings gets its own packed copy (the embedding lookup still needs the plain rows).
+The packed weight replaces the plain one, except that an LM head tied to the input embeddings gets its own
+packed copy (the embedding lookup still needs the plain rows). A checkpoint loaded from safetensors is
+memory-mapped: every weight is a view of the file's mapping, and the mapping stays resident, all of it once
+packing has read every weight, for as long as one view lives. So after packing, the weights left plain (the
+embedding, the norms) are copied into memory of their own, and the mapping of the replaced weights goes away.
 
 oneDNN keeps some memory for every distinct number of rows it has multiplied a packed weight by, so inputs are
 cut into blocks of at most `rows` rows: a prefill of any length then costs no more memory than a decode step, and
-blocks of 16 rows run as fast as one large matmul on this kind of CPU.
+blocks of 16 rows run as fast as one large matmul on this kind of CPU. Within a block each row's result does not
+depend on the other rows, except that oneDNN multiplies a single row with a kernel of its own: a lone row is
+therefore sent with a copy of itself, so that a token's numbers never depend on what shares its step.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ class PackedLinear(torch.nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
     def _multiply(self, rows: torch.Tensor) -> torch.Tensor:
+        # rows: [M, in], M <= block_rows -> [M, out]
+        if rows.shape[0] == 1:
+            return torch.ops.mkldnn._linear_pointwise(rows.expand(2, -1), self.weight, self.bias, "none", [None], "")[:1]
         return torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [None], "")
 
     def extra_repr(self) -> str:
@@ -88,4 +96,19 @@ def pack_linears(model: torch.nn.Module, block_rows: int = DEFAULT_BLOCK_ROWS) -
                     added += child.weight.numel() * child.weight.element_size()
                 setattr(parent, name, PackedLinear(child, block_rows))
                 replaced += 1
+    if replaced:
+        own_plain_tensors(model)
     return Packing(replaced, added)
+
+
+def own_plain_tensors(model: torch.nn.Module) -> None:
+    """Copy every parameter and buffer outside the packed layers into memory of its own, so that nothing keeps the
+    memory-mapped checkpoint (or any storage shared with the replaced weights) alive."""
+    done: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            continue
+        for tensor in [*module._parameters.values(), *module._buffers.values()]:
+            if tensor is not None and id(tensor) not in done:
+                done.add(id(tensor))
+                tensor.data = tensor.data.clone()

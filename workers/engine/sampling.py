@@ -171,3 +171,12 @@ def _draw_sorted(
         keep &= min_p_mask(values, params.min_p)
     probs = values.masked_fill(~keep, -math.inf).softmax(dim=-1)  # [B, K]
     return indices.gather(-1, draw(probs, u).unsqueeze(-1)).squeeze(-1)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the chosen tokens and the `top` most likely ones, from raw logits (log-softmax)."""
+    # logits: [B, V]; tokens: [B] -> chosen [B], top values [B, top] descending, top token ids [B, top]
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen = logprobs.gather(-1, tokens[:, None].to(logits.device))[:, 0]
+    values, ids = logprobs.topk(top, dim=-1) if top else (logprobs[:, :0], tokens.new_empty(tokens.shape[0], 0))
+    return chosen, values, ids
