@@ -111,12 +111,12 @@ def storage_error(exc: BaseException, location: str, action: str) -> StorageErro
         return StorageError(f"cannot {action} {where}: its bucket does not exist", "check the bucket name, or create the bucket")
     if isinstance(exc, PermissionError) or "AccessDenied" in text or "Forbidden" in text or "403" in text:
         return StorageError(f"permission denied to {action} {where}", "check the credentials' rights, or choose a location you can write")
-    if isinstance(exc, FileNotFoundError):
+    if isinstance(exc, FileNotFoundError) and action in ("read", "list"):
         return StorageError(f"{where} does not exist", "check the path")
     if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return StorageError(f"cannot {action} {where}: {exc.strerror}", "choose a location you can write")
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOENT, errno.ENOTDIR) and action != "read":
-        return StorageError(f"cannot {action} {where}: {exc.strerror}", "choose a location you can write")
+    if isinstance(exc, OSError) and action not in ("read", "list"):
+        return StorageError(f"cannot {action} {where}: {exc.strerror or _first_line(exc)}", "choose a location you can write")
     return StorageError(f"cannot {action} {where}: {name}: {text}", "check the location and the storage credentials")
 
 
@@ -219,10 +219,12 @@ def list_names(location: str) -> list[str]:
 
 
 def check_writable(directory: str, what: str) -> None:
-    """Fail now, with one line, if nothing can be written under `directory` (before any work is done)."""
+    """Fail now, with one line naming `directory`, if nothing can be written there (before any work is done)."""
     check_location(directory, what)
-    probe = f"{directory.rstrip('/')}/.shardgen-write-check-{uuid.uuid4().hex}"
-    if not is_url(directory):
-        probe = os.path.join(os.path.abspath(os.path.expanduser(directory)), os.path.basename(probe))
-    write_bytes(probe, b"")
-    remove(probe)
+    fs, path = filesystem(directory)
+    probe = f"{path.rstrip('/')}/.shardgen-write-check-{uuid.uuid4().hex}"
+    with storage_errors(directory, "write to"):
+        if not is_url(directory) or directory.startswith("file://"):
+            os.makedirs(path, exist_ok=True)
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
