@@ -1,5 +1,4 @@
 import json
-import time
 
 from click.testing import CliRunner
 
@@ -8,7 +7,7 @@ from shardgen.producer.bench import bench, equal_prompts, ragged_prompts
 
 def test_bench_json_structure_and_ratios_against_hf(tiny_model_dir):
     args = ["--model", str(tiny_model_dir), "--device", "cpu", "--prompts", "5", "--batch-size", "2",
-            "--max-new-tokens", "4", "--generators", "engine,hf-generate", "--no-kv-cache", "--json"]
+            "--max-new-tokens", "4", "--no-kv-cache", "--json"]  # default generators: engine and HF generate
     result = CliRunner().invoke(bench, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -19,10 +18,25 @@ def test_bench_json_structure_and_ratios_against_hf(tiny_model_dir):
         baseline = rows[(workload, "hf-generate")]
         assert row["ratio_vs_hf"] == row["tokens_per_s"] / baseline["tokens_per_s"]
         assert row["useful_tokens"] > 0 and row["ttft_p50_s"] <= row["ttft_p95_s"]
-        assert 0 <= row["padding_waste"] < 1 and row["peak_memory_mb"] is not None
+        assert 0 <= row["padding_waste"] < 1 and row["peak_rss_mb"] > 100 and row["batch_size"] == 2
     assert rows[("equal", "engine")]["useful_tokens"] == 5 * 4  # EOS ignored: every prompt gets the full length
     assert rows[("ragged", "engine")]["padding_waste"] == 0
     assert rows[("ragged", "engine-no-kv")]["padding_waste"] > rows[("ragged", "engine")]["padding_waste"]
+    engine = rows[("equal", "engine")]
+    assert 0 < engine["batch_occupancy"] <= 1 and engine["kv_cache_mb"] > 0
+    memory = report["memory"]
+    assert memory["rss_before_load_mb"] < memory["rss_loaded_mb"] <= memory["rss_engine_mb"] + 50
+    assert memory["model_footprint_mb"] > 0 and set(memory["engine_runs"]) == {"ragged", "equal"}
+
+
+def test_bench_batch_size_auto_sizes_the_engine_and_runs_hf_generate_at_16(tiny_model_dir):
+    args = ["--model", str(tiny_model_dir), "--device", "cpu", "--prompts", "5", "--batch-size", "auto",
+            "--max-memory", "64GiB", "--workload", "equal", "--max-new-tokens", "2", "--json"]
+    result = CliRunner().invoke(bench, args)
+    assert result.exit_code == 0, result.output
+    rows = {r["generator"]: r for r in json.loads(result.stdout)["results"]}
+    assert rows["engine"]["batch_size"] == 5  # room for many more slots; five prompts fill five
+    assert rows["hf-generate"]["batch_size"] == 16
 
 
 def test_bench_refuses_unknown_generator(tiny_model_dir):
@@ -41,18 +55,17 @@ def test_prompt_sets_are_deterministic_and_shaped(tiny_loaded):
     assert {len(p) for p in equal} == {64} and len({tuple(p) for p in equal}) == 10
 
 
-def test_peak_memory_counts_what_the_block_allocates_not_what_came_before():
+def test_peak_memory_is_the_process_peak_during_the_block_not_before():
     import torch
 
-    from shardgen.producer.bench import MEMORY_SAMPLE_SECONDS, PeakMemory
+    from shardgen.producer.bench import PeakMemory
 
-    before = torch.ones(25_000_000)  # 100 MB held from before the block
+    before = torch.ones(50_000_000)  # 200 MB at its peak before the block, freed before it starts
+    del before
     with PeakMemory("cpu") as allocating:
-        block = torch.ones(50_000_000)  # 200 MB, held over a few samples
-        time.sleep(3 * MEMORY_SAMPLE_SECONDS)
+        block = torch.ones(50_000_000)  # 200 MB inside the block
         del block
     with PeakMemory("cpu") as idle:
-        time.sleep(3 * MEMORY_SAMPLE_SECONDS)
-    del before
-    assert 190 <= allocating.peak_bytes / 2**20 < 260
-    assert idle.peak_bytes / 2**20 < 20
+        pass
+    assert 190 <= (allocating.peak_bytes - allocating.start_bytes) / 2**20 < 260
+    assert (idle.peak_bytes - idle.start_bytes) / 2**20 < 20
