@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from shardgen.schemas.run import RunSpec
 from shardgen.schemas.sampling import SamplingParams
 
 from .bench import ASKS, CONTEXT, TOPICS
+from .bench_support import start_private_redis
 from .display import rows_table
 
 console = Console(stderr=True)
@@ -36,28 +36,6 @@ def write_prompts(path: Path, count: int, seed: int) -> Path:
             context = " ".join(rng.sample(CONTEXT, rng.randint(0, 3)))
             handle.write(json.dumps({"prompt": f"{context} {question}".strip()}) + "\n")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_private_redis(directory: Path) -> tuple[subprocess.Popen, str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise click.UsageError("no redis-server on PATH: install it or pass --broker URL")
-    port = free_port()
-    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(directory)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return process, f"redis://127.0.0.1:{port}/0"
-        except OSError:
-            time.sleep(0.05)
-    raise click.ClickException("the private redis-server did not start")
 
 
 def start_worker(model: str, device: str, batch_size: int, broker: str, log_path: Path) -> subprocess.Popen:

@@ -136,7 +136,32 @@ def _store(broker: str | None) -> Any:
     return RunStore(broker)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class LazyGroup(click.Group):
+    """Commands whose modules import heavy libraries (torch) load only when they are run, so `status`,
+    `submit` and `collect` start in a fraction of a second."""
+
+    lazy_commands = {
+        "bench": "shardgen.producer.bench:bench",
+        "bench-quant": "shardgen.producer.bench_quant:bench_quant",
+        "bench-queue": "shardgen.producer.bench_queue:bench_queue",
+        "bench-submit": "shardgen.producer.bench_submit:bench_submit",
+        "quantize": "shardgen.producer.quantize:quantize",
+        "score": "shardgen.producer.score:score",
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy_commands])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy_commands:
+            import importlib
+
+            module, attribute = self.lazy_commands[name].split(":")
+            return getattr(importlib.import_module(module), attribute)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="shardgen")
 def cli() -> None:
     """shardgen: run a language model over a whole dataset.
@@ -478,19 +503,6 @@ def collect(run_id: str, output: str, work_dir: str | None, allow_partial: bool,
             f"run {run_id} is incomplete: {len(report.missing_rows)} row(s) missing, {len(report.failed_rows)} failed",
             f"nothing written; retry with `shardgen retry {run_id}`, or write what is there with --allow-partial",
         )
-
-
-def _register_more_commands() -> None:
-    from .bench import bench
-    from .bench_quant import bench_quant
-    from .bench_queue import bench_queue
-    from .quantize import quantize
-
-    for command in (bench, bench_quant, bench_queue, quantize):
-        cli.add_command(command)
-
-
-_register_more_commands()
 
 
 def main() -> None:

@@ -47,7 +47,7 @@ def submit_run(spec: RunSpec, work_dir: str, store: RunStore, console: Console |
 def resume_run(spec: RunSpec, run_id: str, work_dir: str, store: RunStore) -> Submitted:
     """Queue again only the shards of `run_id` without a result, if `spec` asks for the same results."""
     record = store.record(run_id, details=False)
-    check_resumable(record.spec, spec, f"recorded on this broker")
+    check_resumable(record.spec, spec, "recorded on this broker")
     if work_dir.rstrip("/") != record.work_dir.rstrip("/"):
         from shardgen.schemas.errors import InvalidParameter
 

@@ -37,7 +37,8 @@ def test_the_distributed_path_through_s3_survives_a_killed_worker(tmp_path, s3, 
     run_id = json.loads(submitted.stdout)["run_id"]
     assert fs.exists(f"{work}/runs/{run_id}/run.json") and fs.ls(f"{work}/runs/{run_id}/input")
 
-    victim, other = start_worker(model, redis_url), start_worker(model, redis_url)
+    victim = start_worker(model, redis_url)
+    start_worker(model, redis_url)
     wait_until(lambda: any(w["pid"] == victim.process.pid and w["shard_index"] is not None
                            for w in run_status_now(run_id, redis_url)["workers"]), timeout=120, what="the victim mid-shard")
     victim.kill(signal.SIGKILL)

@@ -9,13 +9,14 @@ from typing import Any
 from shardgen.schemas.layout import RunLayout, part_name
 from shardgen.schemas.states import ShardState
 
-from ..storage import files
 from .dispatch import wake_workers
 from .store import RunStore
 
 
 def present_results(layout: RunLayout) -> set[str]:
     """Names of the published results and of attempt objects in a run's directory."""
+    from ..storage import files  # pyarrow and fsspec: only for commands that look at files
+
     return set(files.list_names(layout.run_dir)) | set(files.list_names(layout.attempts_dir))
 
 
