@@ -65,7 +65,7 @@ class MethodResult:
 
 
 def measure(spec: ModelSpec, label: str, device: str, batch_size: int, max_new_tokens: int) -> MethodResult:
-    from shardgen.workers.models.loader import load_model
+    from shardgen.workers import load_model
 
     result = MethodResult(method=label, model=spec.model)
     try:
@@ -187,7 +187,7 @@ def method_specs(model: str, methods: list[str], gptq_model: str | None) -> list
 def bench_quant(model: str, methods: str, gptq_model: str | None, device: str, batch_size: int, max_new_tokens: int,
                 as_json: bool) -> None:
     """Memory, load time, tokens/s and perplexity of MODEL per quantization method, on the same prompts."""
-    from shardgen.workers.models.loader import check_device
+    from shardgen.workers import check_device
 
     if batch_size < 1 or max_new_tokens < 1:
         raise InvalidParameter("--batch-size and --max-new-tokens must be >= 1")

@@ -13,7 +13,7 @@ from rich.live import Live
 
 from shardgen.schemas.errors import BrokerError, ShardgenError
 from shardgen.schemas.model import DTYPES, QUANTIZE_METHODS
-from shardgen.workers.redis_conn import BROKER_ENV, DEFAULT_BROKER_URL
+from shardgen.workers import BROKER_ENV, DEFAULT_BROKER_URL
 
 from . import config as config_mod
 from .command_support import console, one_line_errors, quiet_libraries
@@ -101,9 +101,26 @@ storage_option = click.option(
     "and AWS_ENDPOINT_URL work as usual. Never printed or stored with the run.",
 )
 
+class BatchSizeType(click.ParamType):
+    name = "N|auto"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | str:
+        if isinstance(value, int) or str(value).lower() == "auto":
+            return value if isinstance(value, int) else "auto"
+        try:
+            number = int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number nor auto", param, ctx)
+        if number < 1:
+            self.fail(f"{number} is not a positive number of sequences", param, ctx)
+        return number
+
+
 runtime_options = _options(
-    click.option("--device", help="cpu, cuda or cuda:N [default: auto]."),
-    click.option("--batch-size", type=int, help="Sequences decoded together [default: 16]."),
+    click.option("--device", help="cpu, cuda or cuda:N; auto takes a GPU no other worker of this host holds, else cpu [default: auto]."),
+    click.option("--batch-size", type=BatchSizeType(),
+                 help="Sequences decoded together, or auto: the most whose KV cache fits --max-memory [default: 16 for run, auto for worker]."),
+    click.option("--max-memory", help="Memory budget for --batch-size auto, e.g. 8GiB [default: the device's free memory]."),
 )
 
 
@@ -209,7 +226,8 @@ def run(show: int, **kwargs: Any) -> None:
         spec,
         output,
         device=options.get("device") or "auto",
-        batch_size=_positive(options.get("batch_size", 16), "batch_size"),
+        batch_size=_batch_size(options.get("batch_size", 16)),
+        max_memory=options.get("max_memory"),
         hf_token=options.get("hf_token"),
         compile=bool(options.get("compile")),
         console=console,
@@ -240,7 +258,7 @@ def run(show: int, **kwargs: Any) -> None:
 
 def _show_results(output: str, output_column: str, limit: int) -> None:
     from shardgen.workers.storage import read_table
-    from shardgen.workers.storage.files import open_input
+    from shardgen.workers.storage import open_input
 
     from .display import rows_table
 
@@ -269,10 +287,14 @@ def _show_results(output: str, output_column: str, limit: int) -> None:
     )
 
 
-def _positive(value: Any, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ShardgenError(f"{name} must be a positive integer, got {value!r}")
-    return value
+def _batch_size(value: Any) -> int | str:
+    """A positive integer or "auto", from a flag or a TOML file."""
+    try:
+        if isinstance(value, bool):
+            raise click.BadParameter(f"{value!r} is neither a number nor auto")
+        return BatchSizeType().convert(value, None, None)
+    except click.BadParameter as exc:
+        raise ShardgenError(f"batch_size: {exc.message}", "pass a positive number or auto") from None
 
 
 # ---------------------------------------------------------------- submit
@@ -296,7 +318,7 @@ def submit(as_json: bool, resume_id: str | None, **kwargs: Any) -> None:
     """
     quiet_libraries()
     from shardgen.workers.lifecycle import run_status
-    from shardgen.workers.storage.files import describe
+    from shardgen.workers.storage import describe
 
     from .submit import resume_run, submit_run
 
@@ -361,6 +383,8 @@ def cancel(run_id: str, broker: str | None) -> None:
 
 # ---------------------------------------------------------------- worker
 @cli.command()
+@click.option("--devices", help="One worker process per device on this node, supervised: all (every GPU), GPU ids such "
+              "as 0,1,3, or cpu,cpu. Each is pinned with CUDA_VISIBLE_DEVICES; a crashed one is restarted.")
 @model_options
 @hf_token_option
 @runtime_options
@@ -368,33 +392,72 @@ def cancel(run_id: str, broker: str | None) -> None:
 @broker_option
 @storage_option
 @click.option("--grace-seconds", type=click.FloatRange(min=0), default=25.0, show_default=True,
-              help="On SIGTERM/SIGINT, let the running shard finish for this long, then give it back to its queue at once.")
+              help="On SIGTERM/SIGINT, stop taking shards, let the running one finish for this long, then give it back to its queue at once.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), help="Serve Prometheus metrics on this port (/metrics); "
+              "with --devices, the workers use PORT, PORT+1, ...")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="json: one JSON object per line, with the run id and shard of the record.")
 @click.option("--loglevel", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @click.option("--name", "node_name", help="Worker node name [default: shardgen-MODEL-DEVICE@HOST].")
 @config_option
 @one_line_errors
-def worker(loglevel: str, node_name: str | None, grace_seconds: float, **kwargs: Any) -> None:
-    """Serve one model on one device: load it once, then process shards from its queue until stopped.
+def worker(devices: str | None, loglevel: str, node_name: str | None, grace_seconds: float, metrics_port: int | None,
+           log_format: str, **kwargs: Any) -> None:
+    """Serve one model: load it once per device, then process shards from its queue until stopped.
 
-    Start one per GPU (`--device cuda:0`, `cuda:1`, ...) on any host that reaches the broker.
-    Runs only reach workers started with the same --model and --quantize.
+    `--devices all` runs one worker per GPU of this node (one command per node); without it, one worker runs
+    on --device. Runs only reach workers started with the same --model and --quantize. SIGTERM (a scale-down)
+    gives the running shard back to its queue within --grace-seconds, so no shard waits for a lease to expire.
     """
     quiet_libraries()
-    from shardgen.workers.queue.worker_main import start_worker
-
     options = _collect_options(kwargs)
+    spec = config_mod.build_model_spec(options)  # a bad model option is refused here, not in every child
+    batch_size = _batch_size(options.get("batch_size", "auto"))
+    if devices:
+        from shardgen.workers import parse_devices, supervise
+
+        if options.get("device"):
+            raise ShardgenError("--devices and --device cannot be used together", "use --devices for a node, --device for one worker")
+        args, env = _worker_child(options, batch_size, loglevel, log_format, grace_seconds)
+        sys.exit(supervise(parse_devices(devices), args, metrics_port, grace_seconds, env))
+    from shardgen.workers import start_worker
+
     start_worker(
-        config_mod.build_model_spec(options),
+        spec,
         device=options.get("device") or "auto",
-        batch_size=_positive(options.get("batch_size", 16), "batch_size"),
+        batch_size=batch_size,
+        max_memory=options.get("max_memory"),
         broker=options.get("broker"),
         hf_token=options.get("hf_token"),
         compile=bool(options.get("compile")),
         loglevel=loglevel,
+        log_format=log_format,
         node_name=node_name,
         grace_s=grace_seconds,
+        metrics_port=metrics_port,
         console=console,
     )
+
+
+def _worker_child(options: dict[str, Any], batch_size: int | str, loglevel: str, log_format: str,
+                  grace_seconds: float) -> tuple[list[str], dict[str, str]]:
+    """The options of each device's worker: flags for what is safe to show in `ps`, the environment for the
+    broker URL, the hub token and storage options (which may carry credentials)."""
+    args = ["--batch-size", str(batch_size), "--grace-seconds", str(grace_seconds), "--loglevel", loglevel, "--log-format", log_format]
+    for key in ("model", "quantize", "dtype", "model_revision", "max_memory"):
+        if options.get(key) is not None:
+            args += [f"--{key.replace('_', '-')}", str(options[key])]
+    if options.get("quantization_config"):
+        args += ["--quantization-config", json.dumps(options["quantization_config"])]
+    args += ["--trust-remote-code"] if options.get("trust_remote_code") else []
+    args += ["--compile"] if options.get("compile") else []
+    env = {}
+    for key, variable in (("broker", "SHARDGEN_BROKER_URL"), ("hf_token", "HF_TOKEN")):
+        if options.get(key):
+            env[variable] = str(options[key])
+    if options.get("storage_options"):
+        env["SHARDGEN_STORAGE_OPTIONS"] = json.dumps(options["storage_options"])
+    return args, env
 
 
 # ---------------------------------------------------------------- status

@@ -37,7 +37,8 @@ COLUMN_FIELDS = {f.name for f in dataclasses.fields(ColumnMapping)}
 MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelSpec)}
 PARAM_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)} | set(PARAM_ALIASES) | {"do_sample"}
 RUN_FIELDS = {"input", "split", "subset", "revision", "limit", "shard_size", "chat_template", "max_prompt_tokens", "max_retries"}
-RUNTIME_FIELDS = {"device", "batch_size", "work_dir", "broker", "output", "hf_token", "allow_partial", "compile", "storage_options"}
+RUNTIME_FIELDS = {"device", "batch_size", "max_memory", "work_dir", "broker", "output", "hf_token", "allow_partial", "compile",
+                  "storage_options"}
 MODEL_OPTIONS = (MODEL_FIELDS - {"revision"}) | {"model_revision"}
 """ModelSpec's fields as options; its `revision` is `model_revision` (`revision` names the dataset's)."""
 BNB_SHORTCUTS = {"load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype"}
@@ -97,7 +98,7 @@ def merge(file_options: Mapping[str, Any], flag_options: Mapping[str, Any]) -> d
         if key == "quantization_config":
             value = {**merged.get(key, {}), **parse_quantization_config(value)}
         if key == "storage_options":
-            from shardgen.workers.storage.files import parse_storage_options
+            from shardgen.workers.storage import parse_storage_options
 
             value = {**merged.get(key, {}), **parse_storage_options(value)}
         merged[key] = value

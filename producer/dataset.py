@@ -10,7 +10,7 @@ from shardgen.schemas.layout import shard_count
 from shardgen.schemas.rows import resolve_columns, shard_from_table, used_columns
 from shardgen.schemas.run import RunSpec
 from shardgen.schemas.shard import Shard
-from shardgen.workers.storage.datasets import load_dataset_table
+from shardgen.workers.storage import load_dataset_table
 
 
 def read_input(spec: RunSpec) -> pa.Table:

@@ -50,11 +50,13 @@ class RowProgress:
 
 
 def key_value_table(title: str, items: Iterable[tuple[str, Any]]) -> Table:
+    """Names on the left, never wrapped; long values fold, but ids (a run id) fit any terminal of 80 columns."""
+    items = [(key, str(value)) for key, value in items]
     table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column(justify="right", no_wrap=True)
+    table.add_column(style="bold", no_wrap=True, min_width=max((len(key) for key, _ in items), default=0))
+    table.add_column(justify="right", overflow="fold")
     for key, value in items:
-        table.add_row(key, str(value))
+        table.add_row(key, value)
     return table
 
 

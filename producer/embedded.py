@@ -56,7 +56,8 @@ def run_embedded(
     output: str | os.PathLike,
     *,
     device: str = "auto",
-    batch_size: int = 16,
+    batch_size: int | str = 16,
+    max_memory: str | None = None,
     hf_token: str | None = None,
     compile: bool = False,
     console: Console | None = None,
@@ -81,7 +82,7 @@ def run_embedded(
     todo = unfinished_shards(layout, shards_total)
     if loaded.info.get("note"):
         console.print(f"[yellow]{loaded.info['note']}")
-    generator = make_generator(loaded, batch_size, compile=compile)
+    generator = make_generator(loaded, batch_size, compile=compile, max_memory=max_memory)
     console.print(f"model {spec.model.model} ({loaded.source}) on {loaded.device}, quantize={spec.model.quantize}, loaded in {loaded.load_time_s:.1f}s")
     totals = {"rows_failed": 0, "prompt_tokens": 0, "generated_tokens": 0}
     with RowProgress(console, rows_total) as progress:

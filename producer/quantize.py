@@ -45,7 +45,7 @@ def quantize(model: str, method: str, bits: str, group_size: int | None, dataset
     The checkpoint loads on cpu and cuda (`shardgen run INPUT --model OUTPUT`) and in vLLM.
     """
     from shardgen.workers import quantization
-    from shardgen.workers.models.loader import check_device, resolve_model
+    from shardgen.workers import check_device, resolve_model
 
     fields = {"bits": int(bits), "dataset": dataset, "samples": samples, "damp_percent": damp_percent}
     fields.update({k: v for k, v in (("group_size", group_size), ("text_column", text_column)) if v is not None})

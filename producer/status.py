@@ -30,7 +30,7 @@ def status_view(status: dict[str, Any]) -> Group:
             ("tokens/s", f"{status['tokens_per_second']:,.1f}"),
             ("elapsed", human_duration(status["elapsed_s"])),
             ("ETA", human_duration(status["eta_s"])),
-            ("retries / reassigned / batch halvings", f"{status['retries']} / {status['reassigned']} / {status['batch_halvings']}"),
+            ("retries/reassigned/halvings", f"{status['retries']} / {status['reassigned']} / {status['batch_halvings']}"),
             ("queue", f"{status['queue']}" + (f" ({status['queue_depth']['waiting']:,} waiting, {status['queue_depth']['backoff']:,} in backoff)" if "queue_depth" in status else "")),
         ],
     )

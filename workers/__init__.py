@@ -5,6 +5,8 @@
     make_generator      the engine (or transformers' generate) for a loaded model
     process_shard       one shard in, one Parquet object out; both drivers call it
     start_worker        a Celery worker serving one model on one device (workers/queue)
+    supervise           one worker process per device of this node (`--devices`), restarted when they crash
+    parse_devices       what `--devices` names: all, 0,1,3 or cpu,cpu
 
 Subpackages with their own public surface: `lifecycle` (run state), `storage` (files and datasets).
 """
@@ -16,9 +18,14 @@ _EXPORTS = {
     "LLM": ".api",
     "load_model": ".models.loader",
     "check_device": ".models.loader",
+    "resolve_model": ".models.loader",
+    "BROKER_ENV": ".redis_conn",
+    "DEFAULT_BROKER_URL": ".redis_conn",
     "make_generator": ".generators",
     "process_shard": ".shard_processing",
     "start_worker": ".queue.worker_main",
+    "supervise": ".queue.supervisor",
+    "parse_devices": ".queue.devices",
 }
 
 

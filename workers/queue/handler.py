@@ -26,6 +26,7 @@ from ..models.loader import LoadedModel
 from ..shard_processing import ShardOutcome, process_shard
 from ..storage import files
 from ..storage.run_files import new_attempt_token, publish_result, read_staged_shard
+from . import logs
 from .heartbeat import Heartbeat
 
 log = logging.getLogger("shardgen.worker")
@@ -103,10 +104,14 @@ def handle_message(payload: Any, ctx: WorkerContext) -> str:
         return "idle"
     wake_workers(ctx.store, ctx.wakeups, ctx.queue)  # more shards waiting: wake more workers
     ctx.current = claim
+    logs.current_shard = (claim.run_id, claim.shard_index)
+    if ctx.metrics is not None:
+        ctx.metrics.shard_started(claim)
     try:
         return run_claim(claim, ctx)
     finally:
         ctx.current = None
+        logs.current_shard = None
 
 
 def run_claim(claim: Claim, ctx: WorkerContext) -> str:
@@ -114,7 +119,7 @@ def run_claim(claim: Claim, ctx: WorkerContext) -> str:
     where = f"shard {claim.shard_index} of run {claim.run_id}"
     heartbeat = Heartbeat(ctx.store, claim, lease_ms=ctx.lease_ms, shutdown_deadline=lambda: ctx.shutdown.deadline)
     heartbeat.start()
-    location = None
+    stats_before = _engine_stats(ctx)
     try:
         spec, layout = ctx.run(claim.run_id)
         location = layout.attempt_part(claim.shard_index, new_attempt_token(claim.attempt))
@@ -125,7 +130,7 @@ def run_claim(claim: Claim, ctx: WorkerContext) -> str:
         )
     except GenerationCancelled:
         heartbeat.stop()
-        return _stopped(claim, ctx, heartbeat.stop_reason or "cancelled", where)
+        return _ended(ctx, claim, _stopped(claim, ctx, heartbeat.stop_reason or "cancelled", where))
     except Exception as exc:  # noqa: BLE001 - any failure of a shard is recorded and retried, never lost
         heartbeat.stop()
         error = exc.line() if isinstance(exc, ShardgenError) else f"{type(exc).__name__}: {exc}"
@@ -134,10 +139,12 @@ def run_claim(claim: Claim, ctx: WorkerContext) -> str:
             log.warning("%s failed (attempt %d), retrying in %.0fs: %s", where, claim.attempt, delay, error)
         else:
             log.error("%s failed (attempt %d, %s): %s", where, claim.attempt, outcome_name, error)
-        _count(ctx, "failed" if outcome_name == "failed" else "retried" if outcome_name == "retry" else None)
-        return outcome_name
+        return _ended(ctx, claim, outcome_name)
     heartbeat.stop()
-    return _record(claim, ctx, layout, outcome, where)
+    recorded = _record(claim, ctx, layout, outcome, where)
+    stats = _engine_stats(ctx)
+    occupancy = stats.since(stats_before).batch_occupancy if stats is not None and stats_before is not None else None
+    return _ended(ctx, claim, recorded, outcome if recorded == "done" else None, occupancy)
 
 
 def _record(claim: Claim, ctx: WorkerContext, layout: RunLayout, outcome: ShardOutcome, where: str) -> str:
@@ -154,8 +161,6 @@ def _record(claim: Claim, ctx: WorkerContext, layout: RunLayout, outcome: ShardO
         publish_result(layout, claim.shard_index, outcome.location)
     except ShardgenError as exc:  # the result stays where the run store recorded it; collect finds it there
         log.warning("%s: result recorded at %s but not published under its part name: %s", where, outcome.location, exc.line())
-    if ctx.metrics is not None:
-        ctx.metrics.shard_done(claim, outcome, getattr(ctx.generator, "stats", None))
     log.info("%s done: %d rows, %d tokens, %.1fs", where, outcome.rows, outcome.generated_tokens, outcome.seconds)
     return "done"
 
@@ -173,9 +178,16 @@ def _stopped(claim: Claim, ctx: WorkerContext, reason: str, where: str) -> str:
     return outcome
 
 
-def _count(ctx: WorkerContext, event: str | None) -> None:
-    if event is not None and ctx.metrics is not None:
-        ctx.metrics.shard_event(event)
+def _ended(ctx: WorkerContext, claim: Claim, outcome: str, result: ShardOutcome | None = None,
+           occupancy: float | None = None) -> str:
+    if ctx.metrics is not None:
+        ctx.metrics.shard_ended(claim, outcome, result, occupancy)
+    return outcome
+
+
+def _engine_stats(ctx: WorkerContext) -> Any:
+    stats = getattr(ctx.generator, "stats", None)
+    return stats.copy() if stats is not None else None
 
 
 def watchdog_tick(ctx: WorkerContext) -> None:

@@ -4,8 +4,10 @@ from .datasets import load_dataset_table
 from .files import (
     check_location,
     check_writable,
+    describe,
     exists,
     list_names,
+    open_input,
     open_output,
     parse_storage_options,
     remove_tree,
@@ -26,10 +28,12 @@ from .run_files import (
 __all__ = [
     "check_location",
     "check_writable",
+    "describe",
     "exists",
     "list_names",
     "load_dataset_table",
     "new_attempt_token",
+    "open_input",
     "open_output",
     "parse_storage_options",
     "publish_result",

@@ -1,0 +1,55 @@
+"""Prometheus metrics of one worker process, served over HTTP (`--metrics-port`) once its model is loaded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+from ..lifecycle.store import Claim
+
+SHARD_SECONDS_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class WorkerMetrics:
+    def __init__(self, *, model: str, device: str, queue: str, worker: str, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.shards = Counter("shardgen_shards", "Shards this worker ended, by outcome: done, duplicate, retry, "
+                              "failed, released (given back at shutdown), lost (taken over), cancelled", ["outcome"], registry=r)
+        self.rows = Counter("shardgen_rows", "Input rows of the shards this worker completed", registry=r)
+        self.rows_failed = Counter("shardgen_rows_failed", "Rows recorded with an error (bad prompt, too long, ...)", registry=r)
+        self.prompt_tokens = Counter("shardgen_prompt_tokens", "Prompt tokens of completed shards", registry=r)
+        self.generated_tokens = Counter("shardgen_generated_tokens", "Tokens generated in completed shards", registry=r)
+        self.tokens_per_second = Gauge("shardgen_tokens_per_second", "Generated tokens per second of the last shard", registry=r)
+        self.batch_occupancy = Gauge("shardgen_batch_occupancy", "Share of the batch's slots that decoded, last shard", registry=r)
+        self.shard_seconds = Histogram("shardgen_shard_seconds", "Seconds per completed shard", buckets=SHARD_SECONDS_BUCKETS, registry=r)
+        self.model_load_seconds = Gauge("shardgen_model_load_seconds", "Seconds this worker took to load its model", registry=r)
+        self.busy = Gauge("shardgen_busy", "1 while this worker runs a shard", registry=r)
+        self.current = Gauge("shardgen_current_shard", "1 for the shard this worker is running", ["run_id", "shard"], registry=r)
+        Info("shardgen_worker", "What this worker serves", registry=r).info(
+            {"model": model, "device": device, "queue": queue, "worker": worker})
+
+    def serve(self, port: int, address: str = "0.0.0.0") -> None:
+        start_http_server(port, addr=address, registry=self.registry)
+
+    def shard_started(self, claim: Claim) -> None:
+        self.busy.set(1)
+        self.current.labels(claim.run_id, str(claim.shard_index)).set(1)
+
+    def shard_ended(self, claim: Claim, outcome: str, result: Any = None, occupancy: float | None = None) -> None:
+        """`result` is the ShardOutcome of a completed shard; `occupancy` the engine's over it."""
+        self.busy.set(0)
+        self.current.remove(claim.run_id, str(claim.shard_index))
+        self.shards.labels(outcome).inc()
+        if result is None:
+            return
+        self.rows.inc(result.rows)
+        self.rows_failed.inc(result.rows_failed)
+        self.prompt_tokens.inc(result.prompt_tokens)
+        self.generated_tokens.inc(result.generated_tokens)
+        self.shard_seconds.observe(result.seconds)
+        if result.seconds > 0:
+            self.tokens_per_second.set(result.generated_tokens / result.seconds)
+        if occupancy is not None:
+            self.batch_occupancy.set(occupancy)

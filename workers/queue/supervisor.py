@@ -1,0 +1,144 @@
+"""`shardgen worker --devices ...`: one worker process per device on this node, supervised.
+
+Each child is a plain `shardgen worker --device ...` process pinned to its GPU with CUDA_VISIBLE_DEVICES before
+torch starts (this process never imports torch). A child that exits on its own is restarted with a growing
+delay and the parent says so; SIGTERM or SIGINT is passed to every child, which gives its running shard back
+after its grace period, and the parent waits for them before it exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+log = logging.getLogger("shardgen.supervisor")
+
+RESTART_DELAYS = (1, 2, 5, 10, 30, 60)
+STABLE_AFTER_S = 60.0
+"""A child that ran this long before exiting starts its restarts from the shortest delay again."""
+
+
+@dataclass
+class Child:
+    slot: int
+    device: str
+    """A GPU id of this host, or cpu."""
+    command: list[str]
+    env: dict[str, str]
+    process: subprocess.Popen | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    next_start: float = 0.0
+    delays: list[int] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"worker {self.slot} ({'cpu' if self.device == 'cpu' else f'GPU {self.device}'})"
+
+    def start(self) -> None:
+        # Its own session: a terminal's Ctrl-C reaches the supervisor only, which then stops every child the
+        # same way; and if the supervisor dies, the kernel sends the child SIGTERM (Linux).
+        self.process = subprocess.Popen(self.command, env=self.env, start_new_session=True, preexec_fn=_term_with_parent)
+        self.started_at = time.monotonic()
+        log.warning("%s started, pid %d", self.name, self.process.pid)
+
+
+def _term_with_parent() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def child_commands(devices: list[str], worker_args: list[str], metrics_port: int | None,
+                   base_env: dict[str, str]) -> list[Child]:
+    """The command and environment of each device's worker: pinned, with its own metrics port."""
+    children = []
+    for slot, device in enumerate(devices):
+        env = dict(base_env)
+        if device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""
+            target = "cpu"
+        else:
+            env["CUDA_VISIBLE_DEVICES"] = device
+            target = "cuda:0"
+        label = "cpu" if device == "cpu" else f"gpu{device}"
+        command = [sys.executable, "-m", "shardgen.producer.cli", "worker", *worker_args, "--device", target,
+                   "--name", f"shardgen-{slot}-{label}@{socket.gethostname()}"]
+        if metrics_port is not None:
+            command += ["--metrics-port", str(metrics_port + slot)]
+        children.append(Child(slot, device, command, env))
+    return children
+
+
+class Supervisor:
+    def __init__(self, children: list[Child], grace_s: float, clock: Callable[[], float] = time.monotonic):
+        self.children, self.grace_s, self.clock = children, grace_s, clock
+        self.stopping = False
+
+    def request_stop(self, *_: object) -> None:
+        self.stopping = True
+
+    def run(self, poll_s: float = 0.5) -> int:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        for child in self.children:
+            child.start()
+        while not self.stopping:
+            self.check(self.clock())
+            time.sleep(poll_s)
+        return self.stop()
+
+    def check(self, now: float) -> None:
+        """Restart children that exited, each after its delay."""
+        for child in self.children:
+            if child.process is None:
+                if now >= child.next_start:
+                    child.start()
+                continue
+            code = child.process.poll()
+            if code is None:
+                continue
+            ran = now - child.started_at
+            if ran >= STABLE_AFTER_S:
+                child.delays = []
+            delay = RESTART_DELAYS[min(len(child.delays), len(RESTART_DELAYS) - 1)]
+            child.delays.append(delay)
+            child.restarts += 1
+            child.process = None
+            child.next_start = now + delay
+            log.error("%s exited with code %s after %.0fs; restarting it in %ds (restart %d)",
+                      child.name, code, ran, delay, child.restarts)
+
+    def stop(self) -> int:
+        """SIGTERM every child, wait for their grace period (and a margin), then kill what is left."""
+        running = [c for c in self.children if c.process is not None and c.process.poll() is None]
+        log.warning("stopping %d worker(s): each gives its running shard back within %.0fs", len(running), self.grace_s)
+        for child in running:
+            child.process.send_signal(signal.SIGTERM)
+        deadline = self.clock() + self.grace_s + 15
+        for child in running:
+            try:
+                child.process.wait(timeout=max(0.1, deadline - self.clock()))
+            except subprocess.TimeoutExpired:
+                log.error("%s did not stop in time; killing it", child.name)
+                child.process.kill()
+                child.process.wait()
+        return 0
+
+
+def supervise(devices: list[str], worker_args: list[str], metrics_port: int | None, grace_s: float,
+              env: dict[str, str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    children = child_commands(devices, worker_args, metrics_port, {**os.environ, **(env or {})})
+    log.warning("supervising %d worker(s) on %s", len(children), ", ".join(c.device for c in children))
+    return Supervisor(children, grace_s).run()
