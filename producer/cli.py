@@ -162,6 +162,7 @@ class LazyGroup(click.Group):
         "bench-quant": "shardgen.producer.bench_quant:bench_quant",
         "bench-queue": "shardgen.producer.bench_queue:bench_queue",
         "bench-submit": "shardgen.producer.bench_submit:bench_submit",
+        "bench-fleet": "shardgen.producer.bench_fleet:bench_fleet",
         "quantize": "shardgen.producer.quantize:quantize",
         "score": "shardgen.producer.score:score",
     }

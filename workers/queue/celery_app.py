@@ -51,6 +51,9 @@ def configure(broker: str) -> Celery:
     if tls is not None:
         app.conf.broker_use_ssl = tls
         broker = urlunsplit(urlsplit(broker)._replace(query=""))
+    if app.conf.broker_url not in (None, broker):
+        app.close()  # connections pooled for the previous broker must not be reused for this one
+        app.amqp._producer_pool = None
     app.conf.broker_url = broker
     return app
 

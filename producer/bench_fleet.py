@@ -1,0 +1,160 @@
+"""`shardgen bench-fleet`: what the control plane costs per shard, with many workers on one Redis.
+
+The workers are real `serve()` processes (Celery solo pool, the claim/complete scripts, the staged input read,
+the Parquet result write and its publication, the watchdog) whose generator does no model work: a
+control-plane load generator that answers every prompt at once with an empty text. It exists only here, so
+the throughput measured is the queue's, not a model's. The runs go through the real `submit` path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import click
+from rich.console import Console
+
+from .bench_support import start_private_redis
+from .display import rows_table
+
+console = Console(stderr=True)
+LOAD_MODEL = "control-plane-load"
+
+
+class ControlPlaneLoad:
+    """A generator that does no model work: every request finishes at once with an empty sample."""
+
+    name = "control-plane load generator"
+
+    def __init__(self) -> None:
+        self.batch_size = 1
+
+    def generate(self, requests: Sequence[Any], params: Any, *, on_output: Callable | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> list[Any]:
+        from shardgen.workers.generation import FINISH_LENGTH, GenerationOutput, Sample
+
+        outputs = []
+        for index, request in enumerate(requests):
+            output = GenerationOutput([Sample("", [], FINISH_LENGTH)], len(request.prompt_ids))
+            outputs.append(output)
+            if on_output:
+                on_output(index, output)
+        return outputs
+
+
+class _CharacterTokenizer:
+    """What process_shard needs of a tokenizer, without loading one: one id per character, no chat template."""
+
+    chat_template = None
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": [ord(c) % 50_000 for c in text]}
+
+
+def load_worker(url: str, slot: int) -> None:
+    """Entry point of one load worker process (started by the benchmark, never by the CLI)."""
+    from types import SimpleNamespace
+
+    from shardgen.schemas.model import ModelSpec
+    from shardgen.workers.lifecycle import RunStore
+    from shardgen.workers.lifecycle.dispatch import CeleryWakeups
+    from shardgen.workers.queue.celery_app import configure
+    from shardgen.workers.queue.handler import Shutdown, WorkerContext, worker_id
+    from shardgen.workers.queue.logs import configure_logging
+    from shardgen.workers.queue.worker_main import serve
+
+    configure_logging("WARNING", "text")
+    spec = ModelSpec(model=LOAD_MODEL)
+    loaded = SimpleNamespace(tokenizer=_CharacterTokenizer(), context_length=1_000_000, source=LOAD_MODEL, device="cpu",
+                             spec=spec, eos_token_ids=())
+    store = RunStore(url)
+    ctx = WorkerContext(loaded=loaded, generator=ControlPlaneLoad(), store=store,
+                        wakeups=CeleryWakeups(configure(url), store.redis), queue=spec.queue, device="cpu",
+                        worker_id=worker_id(f"load{slot}"), shutdown=Shutdown(5.0))
+    serve(ctx, url, "WARNING", f"shardgen-load-{slot}@%h")
+
+
+def run_fleet(workers: int, shards: int, scratch: Path) -> dict[str, Any]:
+    from shardgen.schemas.model import ModelSpec
+    from shardgen.schemas.run import RunSpec
+    from shardgen.workers.lifecycle import RunStore
+
+    from .submit import submit_run
+
+    server, url = start_private_redis(scratch)
+    processes = []
+    try:
+        data = scratch / "prompts.jsonl"
+        data.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(shards)))
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        for slot in range(workers):
+            code = f"from shardgen.producer.bench_fleet import load_worker; load_worker({url!r}, {slot})"
+            processes.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
+                                              stderr=open(scratch / f"worker-{slot}.log", "wb")))
+        store = RunStore(url)
+        deadline = time.time() + 300
+        while len(store.workers()) < workers:
+            if time.time() > deadline or any(p.poll() is not None for p in processes):
+                raise click.ClickException(f"the load workers did not start: see {scratch}")
+            time.sleep(0.2)
+        spec = RunSpec(input=str(data), model=ModelSpec(model=LOAD_MODEL), shard_size=1)
+        submit_run(spec, str(scratch / "work"), store, Console(stderr=True, quiet=True))
+        while not (record := store.record(spec.run_id, details=False)).finished:
+            if time.time() > deadline + 600:
+                raise click.ClickException("the run did not finish in 10 minutes")
+            time.sleep(0.1)
+        elapsed = record.finished_at - record.started_at
+        in_shard = sum(s.seconds for s in store.shards(spec.run_id))
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        server.terminate()
+        server.wait(30)
+    return {
+        "workers": workers, "shards": shards, "seconds": elapsed, "shards_per_s": shards / elapsed,
+        "per_shard_ms": workers * elapsed / shards * 1000, "process_shard_ms": in_shard / shards * 1000,
+        "state": record.state.value,
+    }
+
+
+@click.command("bench-fleet")
+@click.option("--workers", "worker_counts", default="1,16", show_default=True,
+              help="Comma-separated numbers of worker processes; each runs the same job on a fresh Redis.")
+@click.option("--shards", type=click.IntRange(min=1), default=2000, show_default=True, help="Shards in the job (one row each).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def bench_fleet(worker_counts: str, shards: int, as_json: bool) -> None:
+    """Run a job of one-row shards through N real worker processes whose generator does no model work, and
+    report shards/s and the per-shard overhead: the wall time a worker spends per shard (N x elapsed / shards),
+    and the part of it inside process_shard (reading the staged input, writing the result)."""
+    results = []
+    for count in [int(c) for c in worker_counts.split(",") if c.strip()]:
+        scratch = Path(tempfile.mkdtemp(prefix="shardgen-bench-fleet-"))
+        try:
+            console.print(f"{count} worker(s), {shards} shards ...")
+            results.append(run_fleet(count, shards, scratch))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    base = results[0]["shards_per_s"] if results else 0
+    for result in results:
+        result["vs_first"] = result["shards_per_s"] / base if base else 0
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    Console().print(rows_table(
+        f"control plane: {shards} one-row shards, one Redis, a generator that does no model work",
+        ["workers", "shards/s", "vs first", "per shard (ms)", "in process_shard (ms)", "seconds"],
+        [(r["workers"], f"{r['shards_per_s']:.0f}", f"{r['vs_first']:.2f}x", f"{r['per_shard_ms']:.1f}",
+          f"{r['process_shard_ms']:.1f}", f"{r['seconds']:.1f}") for r in results],
+    ))
