@@ -100,3 +100,27 @@ def test_non_utf8_text_fails_only_its_row(tmp_path):
     rows = shards_of(path)[0].rows
     assert rows[0].prompt == "ok" and rows[0].error is None
     assert "not valid UTF-8" in rows[1].error
+
+
+def test_hub_datasets_take_a_subset_and_a_revision_from_flags_and_toml(tmp_path, monkeypatch):
+    """`--subset main --revision v1` (or subset/revision in TOML) reach datasets.load_dataset as the config name
+    and revision; the hub is not reachable here, so the call is recorded instead of made."""
+    import datasets
+
+    from shardgen.producer.config import build_run_spec, load_config, merge
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, **kwargs):
+        calls.append((path, name, kwargs.get("split"), kwargs.get("revision")))
+        return datasets.Dataset.from_list([{"question": "What is 2 + 2?", "answer": "4"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    toml = tmp_path / "run.toml"
+    toml.write_text('input = "openai/gsm8k"\nsubset = "main"\nrevision = "v1"\nsplit = "test"\n[model]\nrevision = "abc123"\n')
+    spec = build_run_spec(merge(load_config(toml), {}))
+    assert (spec.subset, spec.revision, spec.model.revision) == ("main", "v1", "abc123")
+    rows = list(iter_shards(spec, read_input(spec)))[0].rows
+    assert calls == [("openai/gsm8k", "main", "test", "v1")] and rows[0].prompt == "What is 2 + 2?"
+    flags = build_run_spec(merge({}, {"input": "openai/gsm8k", "subset": "socratic", "revision": "v2"}))
+    assert spec.difference(flags).startswith("dataset selection")

@@ -6,7 +6,6 @@ import subprocess
 import pyarrow.parquet as pq
 import pytest
 
-from shardgen.schemas.model import ModelSpec
 from tests.conftest import RedisServer, run_cli, write_jsonl
 from tests.test_distributed import make_rows, wait_for_end
 
@@ -72,6 +71,24 @@ def test_tls_redis_with_a_private_ca(tmp_path, certificates, tiny_model_dir, sta
         server.stop()
 
 
-def test_trust_remote_code_is_off_unless_asked():
-    assert ModelSpec().trust_remote_code is False
-    assert ModelSpec(trust_remote_code=True).trust_remote_code is True
+def test_trust_remote_code_is_off_unless_asked(tiny_model_dir, monkeypatch):
+    """What from_pretrained receives for the tokenizer and the model, from the real CLI options down."""
+    import transformers
+
+    from shardgen.producer.config import build_model_spec
+    from shardgen.workers import load_model
+
+    received = []
+    for cls in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        original = cls.from_pretrained.__func__
+
+        def recording(klass, *args, _original=original, **kwargs):
+            received.append((klass.__name__, kwargs.get("trust_remote_code")))
+            return _original(klass, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(recording))
+    load_model(build_model_spec({"model": str(tiny_model_dir)}), "cpu")
+    assert received == [("AutoTokenizer", False), ("AutoModelForCausalLM", False)]
+    received.clear()
+    load_model(build_model_spec({"model": str(tiny_model_dir), "trust_remote_code": True}), "cpu")
+    assert received == [("AutoTokenizer", True), ("AutoModelForCausalLM", True)]
