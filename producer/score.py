@@ -246,14 +246,15 @@ def score_table(
 def print_summary(console: Any, summary: ScoreSummary) -> None:
     from rich.table import Table
 
-    table = Table(title=f"score: {summary.scored} of {summary.rows} rows have a ground truth"
-                  + (f", {summary.failed} failed (scored 0)" if summary.failed else ""))
+    table = Table()
     table.add_column("metric")
     table.add_column("mean", justify="right")
     table.add_column("rows", justify="right")
     for metric, mean in summary.means.items():
         table.add_row(metric, "-" if mean is None else f"{mean:.3f}", str(summary.counts[metric]))
     console.print(table)
+    failed = f"; {summary.failed} failed and scored 0" if summary.failed else ""
+    console.print(f"{summary.scored} of {summary.rows} rows have a ground truth{failed}")
 
 
 # ---------------------------------------------------------------- files and the command
