@@ -39,19 +39,9 @@ class FalconInference:
         self.model = self.llm.loaded.model
         self.tokenizer = self.llm.tokenizer
 
-    def __call__(
-        self,
-        prompt: str,
-        max_length: int | None = None,
-        do_sample: bool = True,
-        top_k: int | None = None,
-        num_return_sequences: int | None = None,
-        eos_token_id: int | list[int] | None = None,
-        **params: Any,
-    ) -> list[dict[str, str]]:
-        return [{"generated_text": text} for text in self.generate(
-            prompt, max_length, do_sample, top_k, num_return_sequences, eos_token_id, **params
-        )]
+    def __call__(self, prompt: str, *args: Any, **kwargs: Any) -> list[dict[str, str]]:
+        """The pipeline's answer: one `{"generated_text": ...}` per returned sequence (arguments as `generate`)."""
+        return [{"generated_text": text} for text in self.generate(prompt, *args, **kwargs)]
 
     def generate(
         self,
