@@ -221,6 +221,9 @@ class WorkerProcess:
         self.process = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         return self
 
+    def ready(self) -> bool:
+        return self.log_path.read_bytes().find(b" ready.") >= 0
+
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:

@@ -49,32 +49,40 @@ def running_on(status, worker):
     return any(w["pid"] == worker.process.pid and w["shard_index"] is not None for w in status.get("workers", []))
 
 
-def test_workers_killed_at_random_moments_lose_and_double_nothing(tmp_path, redis_url, tiny_model_dir, start_worker):
-    model = str(tiny_model_dir)
-    data = write_jsonl(tmp_path / "q.jsonl", make_rows(240))
-    run_id = submit(data, tmp_path / "work", redis_url, model, "--shard-size", "8", "--max-new-tokens", "48")
-    workers = [start_worker(model, redis_url), start_worker(model, redis_url)]
-    rng = random.Random(7)
-    kills = 0
-    while kills < 3:
-        victim = rng.choice(workers)
-        victim.wait_ready()
-        # Kill it in the middle of a shard, after a random number of further shards finished.
-        target = status_of(run_id, redis_url)["shards_done"] + rng.randint(0, 1)
-        status = wait_until(lambda: (s := status_of(run_id, redis_url)) and
-                            (s["state"] == "done" or (s["shards_done"] >= target and running_on(s, victim))) and s,
-                            timeout=180, what="the victim to be mid-shard")
-        if status["state"] == "done":
-            break
-        victim.kill(signal.SIGKILL)
-        kills += 1
-        workers.remove(victim)
-        workers.append(start_worker(model, redis_url))
-    status = wait_for_end(run_id, redis_url, timeout=300)
-    assert status["state"] == "done" and status["rows_done"] == 240 and status["shards_done"] == 30
-    assert kills == 3, "the run ended before three workers could be killed mid-shard: make the job longer"
-    assert status["reassigned"] >= 1
-    collect_exactly_once(run_id, redis_url, tmp_path, 240)
+def test_chaos_random_kills_and_a_redis_restart_lose_and_double_nothing(tmp_path, tiny_model_dir, start_worker):
+    """Workers SIGKILLed mid-shard at random points, and Redis (AOF on) restarted once, during one run."""
+    server = RedisServer(tmp_path / "redis-data").start()
+    try:
+        url = server.url
+        model = str(tiny_model_dir)
+        data = write_jsonl(tmp_path / "q.jsonl", make_rows(240))
+        run_id = submit(data, tmp_path / "work", url, model, "--shard-size", "8", "--max-new-tokens", "48")
+        workers = [start_worker(model, url), start_worker(model, url)]
+        rng = random.Random(7)
+        kills = 0
+        while kills < 3:
+            victim = rng.choice(wait_until(lambda: [w for w in workers if w.ready()], timeout=180, what="a ready worker"))
+            # Kill it in the middle of a shard, after a random number of further shards finished.
+            target = status_of(run_id, url)["shards_done"] + rng.randint(0, 1)
+            status = wait_until(lambda: (s := status_of(run_id, url)) and
+                                (s["state"] == "done" or (s["shards_done"] >= target and running_on(s, victim))) and s,
+                                timeout=180, what="the victim to be mid-shard")
+            if status["state"] == "done":
+                break
+            victim.kill(signal.SIGKILL)
+            kills += 1
+            workers.remove(victim)
+            workers.append(start_worker(model, url))
+            if kills == 1:
+                server.stop()  # Redis goes away with a shard in flight on the other worker, and comes back
+                server.start()
+        status = wait_for_end(run_id, url, timeout=300)
+        assert status["state"] == "done" and status["rows_done"] == 240 and status["shards_done"] == 30
+        assert kills == 3, "the run ended before three workers could be killed mid-shard: make the job longer"
+        assert status["reassigned"] >= 1
+        collect_exactly_once(run_id, url, tmp_path, 240)
+    finally:
+        server.stop()
 
 
 def test_a_killed_workers_shard_is_taken_over_within_the_lease(tmp_path, redis_url, tiny_model_dir, start_worker):
