@@ -7,6 +7,7 @@ caller's decision (the run store's atomic completion in distributed mode).
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import time
@@ -41,6 +42,7 @@ class ShardOutcome:
     """Times the batch was halved after running out of memory."""
 
 
+@functools.cache
 def shardgen_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
