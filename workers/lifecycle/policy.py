@@ -11,16 +11,13 @@ BACKOFF_CAP_S = 60.0
 HEARTBEAT_S = 2.0
 """How often a worker renews the lease of its running shard and tells the store it is alive."""
 WORKER_LIVE_S = 3 * HEARTBEAT_S + 4
-"""A worker not heard from for this long is no longer listed as live."""
+"""A worker not heard from for this long is no longer listed as live (its watchdog reports every heartbeat)."""
 
 
 def heartbeat_interval(lease_ms: int) -> float:
-    """Renew several times per lease, so one slow renewal never lets a live shard's lease expire."""
+    """Renew several times per lease, so one slow renewal never lets a live shard's lease expire. The watchdog
+    (reaping, wake-ups, the worker's own liveness) runs at the same pace."""
     return min(HEARTBEAT_S, lease_ms / 5000)
-
-
-def reap_interval(lease_ms: int) -> float:
-    return min(10.0, lease_ms / 3000)
 
 
 def retry_delay(failures: int) -> float:

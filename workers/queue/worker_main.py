@@ -17,7 +17,7 @@ from shardgen.schemas.model import ModelSpec
 from ..generators import make_generator
 from ..lifecycle import policy
 from ..lifecycle.dispatch import CeleryWakeups
-from ..lifecycle.store import LEASE_MS, RunStore
+from ..lifecycle.store import RunStore
 from ..models.loader import check_device, load_model
 from ..redis_conn import broker_url, redact
 from . import tasks
@@ -75,7 +75,7 @@ def serve(ctx: WorkerContext, url: str, loglevel: str, name: str) -> None:
     app = configure(url)
     tasks.CONTEXT = ctx
     _on_shutdown_signal(ctx.shutdown)
-    watchdog = Watchdog(lambda: watchdog_tick(ctx), policy.reap_interval(LEASE_MS)).start()
+    watchdog = Watchdog(lambda: watchdog_tick(ctx), policy.heartbeat_interval(ctx.lease_ms)).start()
     try:
         app.worker_main([
             "worker", "--pool=solo", f"--queues={wake_queue(ctx.queue)}", f"--hostname={name}", f"--loglevel={loglevel}",
