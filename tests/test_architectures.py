@@ -83,3 +83,24 @@ def test_sampled_tokens_for_a_seed_do_not_depend_on_the_batch(served: Served):
     assert token_ids(together) == token_ids(smaller_reversed), f"{served.name}: sampled tokens change with the batch"
     reseeded = [GenerationRequest(r.prompt_ids, seed=r.seed + 1000) for r in requests[:2]]
     assert token_ids(make_generator(served.loaded, BATCH).generate(reseeded, params)) != token_ids(together[:2])
+
+
+def test_the_result_file_names_the_path_that_served_an_architecture(tmp_path):
+    """Gemma 2 (sliding-window and global layers in one cache) is served by whichever path is exact for it; the
+    collected Parquet file's metadata says which, as the generator reported it."""
+    import pyarrow.parquet as pq
+
+    from shardgen.producer.embedded import run_embedded
+    from shardgen.schemas.results import decode_metadata
+    from shardgen.schemas.run import RunSpec
+    from tests.conftest import write_jsonl
+
+    directory = build_architecture("gemma2", tmp_path / "gemma2")
+    data = write_jsonl(tmp_path / "q.jsonl", [{"prompt": q} for q in QUESTIONS[:3]])
+    spec = RunSpec(input=str(data), model=ModelSpec(model=str(directory)), params=SamplingParams(max_new_tokens=4))
+    run_embedded(spec, tmp_path / "out.parquet", device="cpu", batch_size=BATCH)
+    loaded = load_model(ModelSpec(model=str(directory)), "cpu")
+    generator = make_generator(loaded, BATCH)
+    generator.generate(ragged_requests(loaded.tokenizer)[:2], SamplingParams(max_new_tokens=2))
+    recorded = decode_metadata(pq.read_metadata(tmp_path / "out.parquet").metadata)["generator"]
+    assert recorded == getattr(generator, "last_path", generator.name) and recorded in KNOWN_PATHS | {"hf-generate"}
