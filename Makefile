@@ -35,7 +35,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/shardgen run producer/examples/questions.jsonl -o demo-output/results.jsonl \
-		--id-column id --keep-columns topic --ground-truth-column answer --max-new-tokens 64 --seed 0 --show 12
+		--id-column id --keep-columns topic --ground-truth-column answer --max-new-tokens 64 --seed 0 --show 12 --score
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -13,10 +13,12 @@ from rich.live import Live
 
 from shardgen.schemas.errors import BrokerError, ShardgenError
 from shardgen.schemas.model import DTYPES, QUANTIZE_METHODS
+
 from shardgen.workers import BROKER_ENV, DEFAULT_BROKER_URL
 
 from . import config as config_mod
 from .command_support import console, one_line_errors, quiet_libraries
+from .score import METRICS as SCORE_METRICS
 
 out = Console()
 
@@ -100,6 +102,16 @@ storage_option = click.option(
     "(or a [storage_options] table in --config; workers also read SHARDGEN_STORAGE_OPTIONS). The AWS_* variables "
     "and AWS_ENDPOINT_URL work as usual. Never printed or stored with the run.",
 )
+
+result_options = _options(
+    click.option("--score", "score", is_flag=True, help="Score each answer against the ground truth (a `score` column) "
+                 "and print the mean of each metric."),
+    click.option("--metric", "metrics", multiple=True, type=click.Choice(SCORE_METRICS),
+                 help="With --score: a metric to compute (repeat for several) [default: all]."),
+    click.option("--row-metadata", is_flag=True, help="JSONL only: give each row the Inferencer's `metadata` object "
+                 "(model_id, inference_time, token_count, generation_config)."),
+)
+
 
 class BatchSizeType(click.ParamType):
     name = "N|auto"
@@ -204,11 +216,12 @@ def cli() -> None:
 @generation_options
 @runtime_options
 @storage_option
+@result_options
 @click.option("--compile", is_flag=True, default=None, help="torch.compile the decode step where it helps.")
 @click.option("--show", type=int, default=5, show_default=True, help="Result rows to show in the closing table (0: none).")
 @config_option
 @one_line_errors
-def run(show: int, **kwargs: Any) -> None:
+def run(show: int, score: bool, metrics: tuple[str, ...], row_metadata: bool, **kwargs: Any) -> None:
     """Generate for every row of INPUT in this process (no Redis, no workers) and write OUTPUT.
 
     INPUT is a .jsonl/.json/.csv/.parquet file or URL, a save_to_disk directory or a hub dataset name.
@@ -231,6 +244,8 @@ def run(show: int, **kwargs: Any) -> None:
         max_memory=options.get("max_memory"),
         hf_token=options.get("hf_token"),
         compile=bool(options.get("compile")),
+        score_metrics=metrics if score else None,
+        row_metadata=row_metadata,
         console=console,
     )
     from .display import human_bytes, human_duration, key_value_table
@@ -255,6 +270,14 @@ def run(show: int, **kwargs: Any) -> None:
     )
     if summary.rows_failed:
         console.print(f"[yellow]{summary.rows_failed} row(s) failed; their errors are in the `error` column")
+    _print_score(summary.report.score)
+
+
+def _print_score(summary: Any) -> None:
+    if summary is not None:
+        from .score import print_summary
+
+        print_summary(out, summary)
 
 
 def _show_results(output: str, output_column: str, limit: int) -> None:
@@ -523,11 +546,12 @@ def _run_status(store: Any, run_id: str) -> dict[str, Any]:
 @click.option("-o", "--output", required=True, help="Merged result, a file or URL; .parquet or .jsonl.")
 @click.option("--work-dir", help="Work directory of the run: read it from WORK_DIR/RUN_ID/ without Redis [default: ask Redis].")
 @click.option("--allow-partial", is_flag=True, help="Write what is there even if rows are missing or failed (exit 0).")
+@result_options
 @broker_option
 @storage_option
 @one_line_errors
 def collect(run_id: str, output: str, work_dir: str | None, allow_partial: bool, broker: str | None,
-            storage_options: str | None) -> None:
+            storage_options: str | None, score: bool, metrics: tuple[str, ...], row_metadata: bool) -> None:
     """Merge RUN_ID's result shards into one file in input order, checking every row appears once.
 
     Missing or failed rows are listed and make the exit code non-zero unless --allow-partial.
@@ -555,13 +579,15 @@ def collect(run_id: str, output: str, work_dir: str | None, allow_partial: bool,
         raise RunNotFound(f"no run {run_id} in {work_dir}", "check the run id and --work-dir")
     spec, rows_total, shards_total = found
     layout = RunLayout(work_dir, run_id, spec.shard_size)
-    report = collect_run(layout, spec, rows_total, shards_total, output, allow_partial=allow_partial, recorded_results=recorded)
+    report = collect_run(layout, spec, rows_total, shards_total, output, allow_partial=allow_partial, recorded_results=recorded,
+                         score_metrics=metrics if score else None, row_metadata=row_metadata)
     if report.failed_rows:
         out.print(rows_table("failed rows", ["row", "id", "error"], [(r["row_index"], r["id"], r["error"]) for r in report.failed_rows[:50]]))
     if report.missing_rows:
         console.print(f"[red]{len(report.missing_rows)} row(s) missing (shards {report.missing_shards[:20]})")
     if report.written:
         console.print(f"wrote {report.rows_written:,} of {rows_total:,} rows to {report.output}")
+        _print_score(report.score)
     if not report.complete and not allow_partial:
         raise IncompleteRun(
             f"run {run_id} is incomplete: {len(report.missing_rows)} row(s) missing, {len(report.failed_rows)} failed",

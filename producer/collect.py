@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable, Mapping
+from typing import IO, Any, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,7 +19,7 @@ from shardgen.schemas.layout import RunLayout, part_name
 from shardgen.schemas.results import decode_metadata, meta_key
 from shardgen.schemas.run import RunSpec
 from shardgen.workers.lifecycle import present_results
-from shardgen.workers.storage import check_location, open_output, read_table
+from shardgen.workers.storage import check_location, open_output, read_schema, read_table
 
 OUTPUT_FORMATS = (".parquet", ".jsonl")
 
@@ -33,6 +33,8 @@ class CollectReport:
     missing_shards: list[int] = field(default_factory=list)
     failed_rows: list[dict[str, Any]] = field(default_factory=list)
     written: bool = False
+    score: Any = None
+    """The ScoreSummary of the rows, when collect scored them."""
 
     @property
     def complete(self) -> bool:
@@ -60,11 +62,15 @@ def collect(
     *,
     allow_partial: bool = False,
     recorded_results: Mapping[int, str] | None = None,
-    transform: Callable[[pa.Table], pa.Table] | None = None,
+    score_metrics: Sequence[str] | None = None,
+    row_metadata: bool = False,
 ) -> CollectReport:
     """Check and merge every shard; `recorded_results` (shard -> object the run store recorded as its result)
-    finds results not yet published under their part name; `transform` may add columns to each shard."""
+    finds results not yet published under their part name. With `score_metrics`, each row gets a `score`
+    (producer/score.py); with `row_metadata`, each JSONL row a `metadata` object as the Inferencer wrote it."""
     fmt = output_format(output)
+    if row_metadata and fmt != ".jsonl":
+        raise InputError("--row-metadata adds a metadata object to each JSONL row", "write the output to a .jsonl file")
     report = CollectReport(output, rows_total)
     locations = _result_locations(layout, shards_total, recorded_results or {})
     report.missing_shards = [index for index, location in enumerate(locations) if location is None]
@@ -72,17 +78,24 @@ def collect(
         report.missing_rows.extend(layout.shard_rows(index, rows_total))
     if len(report.missing_shards) == shards_total:
         return report
-    metadata = {meta_key("run_id"): spec.run_id.encode(), meta_key("model"): spec.model.model.encode(),
-                meta_key("params"): spec.params.to_json().encode()}
     try:
         with open_output(output) as handle:
-            sink = _ParquetSink(handle, metadata) if fmt == ".parquet" else _JsonlSink(handle)
+            if fmt == ".parquet":
+                sink: _ParquetSink | _JsonlSink = _ParquetSink(handle, _provenance(spec, [loc for loc in locations if loc]))
+            else:
+                sink = _JsonlSink(handle, spec if row_metadata else None)
             for index, location in enumerate(locations):
                 if location is None:
                     continue
                 table = _checked_shard(read_table(location), location, spec, layout.shard_rows(index, rows_total))
                 report.failed_rows.extend(_failed_rows(table))
-                sink.write(transform(table) if transform else table)
+                if score_metrics is not None:
+                    table, summary = _score(table, score_metrics)
+                    if report.score is None:
+                        report.score = summary
+                    else:
+                        report.score.add(summary)
+                sink.write(table)
                 report.rows_written += table.num_rows
             sink.close()
             if not (report.complete or allow_partial):
@@ -104,6 +117,31 @@ def _result_locations(layout: RunLayout, shards_total: int, recorded: Mapping[in
         else:
             locations.append(None)
     return locations
+
+
+PROVENANCE_KEYS = ("generator", "quantize", "model_source", "version")
+
+
+def _provenance(spec: RunSpec, locations: list[str]) -> dict[bytes, bytes]:
+    """What the collected file says of itself: the run, model and parameters, and what the shards recorded about
+    how they were made (generator path, quantization, checkpoint, version), each value once. Only the shards'
+    footers are read (in parallel, for object stores)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        shards = [decode_metadata(schema.metadata) for schema in pool.map(read_schema, locations)]
+    entries = {"run_id": spec.run_id, "model": spec.model.model, "params": spec.params.to_json()}
+    for key in PROVENANCE_KEYS:
+        values = list(dict.fromkeys(shard[key] for shard in shards if key in shard))
+        if values:
+            entries[key] = ", ".join(values)
+    return {meta_key(key): value.encode() for key, value in entries.items()}
+
+
+def _score(table: pa.Table, metrics: Sequence[str]) -> tuple[pa.Table, Any]:
+    from .score import score_table
+
+    return score_table(table, metrics or None)
 
 
 def _checked_shard(table: pa.Table, location: str, spec: RunSpec, expected: range) -> pa.Table:
@@ -151,12 +189,19 @@ class _ParquetSink:
 
 
 class _JsonlSink:
-    def __init__(self, handle: IO[bytes]):
-        self.handle = handle
+    """One JSON object per row; with a spec, each carries the Inferencer's `metadata` object."""
+
+    def __init__(self, handle: IO[bytes], metadata_of: RunSpec | None = None):
+        self.handle, self.spec = handle, metadata_of
 
     def write(self, table: pa.Table) -> None:
         for batch in table.to_batches(max_chunksize=4096):
-            lines = [json.dumps(record, ensure_ascii=False, default=str) for record in batch.to_pylist()]
+            records = batch.to_pylist()
+            if self.spec is not None:
+                from shardgen.compat.inferencer import row_metadata
+
+                records = [{**r, "metadata": row_metadata(r, self.spec.model.model, self.spec.params)} for r in records]
+            lines = [json.dumps(record, ensure_ascii=False, default=str) for record in records]
             self.handle.write(("\n".join(lines) + "\n").encode())
 
     def close(self) -> None:

@@ -6,9 +6,11 @@ import os
 import resource
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 from rich.console import Console
 
+from shardgen.schemas.errors import InputError
 from shardgen.schemas.layout import RunLayout, is_url, join, shard_count
 from shardgen.schemas.rows import shard_from_table
 from shardgen.schemas.run import RunSpec
@@ -60,11 +62,14 @@ def run_embedded(
     max_memory: str | None = None,
     hf_token: str | None = None,
     compile: bool = False,
+    score_metrics: Sequence[str] | None = None,
+    row_metadata: bool = False,
     console: Console | None = None,
 ) -> RunSummary:
     console = console or Console(stderr=True)
     output = str(output)
-    output_format(output)
+    if row_metadata and output_format(output) != ".jsonl":
+        raise InputError("--row-metadata adds a metadata object to each JSONL row", "write the output to a .jsonl file")
     table = read_input(spec)
     parts = parts_dir_for(output)
     check_writable(parent_of(output), "output directory")
@@ -99,7 +104,8 @@ def run_embedded(
             totals["prompt_tokens"] += outcome.prompt_tokens
             totals["generated_tokens"] += outcome.generated_tokens
     seconds = time.perf_counter() - started
-    report = collect(layout, spec, rows_total, shards_total, output, allow_partial=True)
+    report = collect(layout, spec, rows_total, shards_total, output, allow_partial=True, score_metrics=score_metrics,
+                     row_metadata=row_metadata)
     if report.complete or not report.missing_rows:
         remove_tree(parts)
     return RunSummary(

@@ -179,6 +179,20 @@ class ScoreSummary:
         return {"means": dict(self.means), "counts": dict(self.counts), "rows": self.rows, "scored": self.scored,
                 "failed": self.failed}
 
+    def add(self, other: "ScoreSummary") -> None:
+        """Fold in the summary of more rows (collect scores one shard at a time)."""
+        for metric, count in other.counts.items():
+            mine, theirs = self.counts.get(metric, 0), count
+            if mine + theirs:
+                total = (self.means.get(metric) or 0.0) * mine + (other.means.get(metric) or 0.0) * theirs
+                self.means[metric] = total / (mine + theirs)
+            else:
+                self.means.setdefault(metric, None)
+            self.counts[metric] = mine + theirs
+        self.rows += other.rows
+        self.scored += other.scored
+        self.failed += other.failed
+
 
 def prediction_column_of(columns: Sequence[str], wanted: str | None = None) -> str:
     """The column of generated answers: `wanted`, else shardgen's `generation`, else the Inferencer's."""

@@ -169,3 +169,33 @@ def test_out_of_memory_halves_the_batch_and_loses_no_row(tmp_path, spec, tiny_lo
     data = pq.read_table(outcome.location).to_pylist()
     assert [r["row_index"] for r in data] == [0, 1, 2, 3, 4] and all(r["error"] is None for r in data)
     assert len(seen) == 5
+
+
+def test_collect_scores_adds_row_metadata_and_names_how_shards_were_made(tmp_path, spec, tiny_loaded):
+    from dataclasses import replace
+
+    from shardgen.schemas.errors import InputError
+
+    spec = replace(spec, shard_size=2)
+    layout = RunLayout(str(tmp_path / "work"), spec.run_id, spec.shard_size)
+    all_rows = rows("a", "b", "c")
+    all_rows[0].ground_truth = "definitely not generated"
+    for index in (0, 1):
+        location = layout.attempt_part(index, "a1-test")
+        process_shard(Shard(spec.run_id, index, all_rows[index * 2 : index * 2 + 2]), spec, tiny_loaded,
+                      make_generator(tiny_loaded, 4), location)
+        publish_result(layout, index, location)
+    out = tmp_path / "scored.jsonl"
+    report = collect(layout, spec, 3, 2, str(out), score_metrics=("exact_match", "contains"), row_metadata=True)
+    assert report.complete and report.score.rows == 3 and report.score.scored == 3
+    assert report.score.means["exact_match"] == 0.0 and report.score.counts["contains"] == 3
+    first = json.loads(out.read_text().splitlines()[0])
+    assert first["score"] == {"exact_match": 0.0, "contains": 0.0}
+    assert first["metadata"]["model_id"] == spec.model.model and first["metadata"]["token_count"] == 6
+    assert first["metadata"]["generation_config"]["max_new_tokens"] == 6
+    parquet = tmp_path / "scored.parquet"
+    collect(layout, spec, 3, 2, str(parquet))
+    meta = decode_metadata(pq.read_schema(parquet).metadata)
+    assert meta["run_id"] == spec.run_id and meta["generator"] == "engine" and meta["quantize"] == "none"
+    with pytest.raises(InputError, match="JSONL"):
+        collect(layout, spec, 3, 2, str(parquet), row_metadata=True)
