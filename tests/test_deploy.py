@@ -1,13 +1,13 @@
 """The deploy recipes, checked without Docker, Kubernetes or SLURM.
 
-Offline validation: the Compose file against the Compose specification, the Kubernetes manifests against the
-Kubernetes API schemas (KEDA's resources, which those schemas do not know, for the fields KEDA needs), the sbatch
-script with `bash -n`, the Dockerfile against the package layout. Then what each recipe runs is run here: its
-Redis command and health check against a real redis-server, and its `shardgen submit` / `shardgen worker`
-command lines, with the variables a site sets substituted, until a run is done and the worker drains on SIGTERM
-within the platform's grace period. Only what hardware and networks decide is changed: addresses (a container's
-`redis:6379` is our redis-server's port), container paths (/runs, /cache, the image's /opt/shardgen), the
-device (GPU -> cpu) and the metrics port (a free one).
+Offline validation: the Compose file against the Compose specification, the Kubernetes manifests against
+the Kubernetes API schemas (KEDA's resources, which those schemas do not know, for the fields KEDA needs),
+the sbatch script with `bash -n`, the Dockerfile against the package layout. Then what each recipe runs is
+run here: its Redis command and health check against a real redis-server, and its `shardgen submit` /
+`shardgen worker` command lines, with the variables a site sets substituted, until a run is done and the
+worker drains on SIGTERM within the platform's grace period. Only what hardware and networks decide is
+changed: addresses (a container's `redis:6379` is our redis-server's port), container paths (/runs, /cache,
+the image's /opt/shardgen), the device (GPU -> cpu) and the metrics port (a free one).
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ import subprocess
 import sys
 import tomllib
 import urllib.request
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import click
 import kubernetes_validate
@@ -32,10 +33,10 @@ import psutil
 import pytest
 import redis
 import yaml
-
 from shardgen.producer.cli import cli
 from shardgen.schemas.model import ModelSpec
 from shardgen.workers.lifecycle import RunStore
+
 from tests.conftest import REPO, SHARDGEN, RedisServer, free_port, run_status_now, wait_until
 
 DEPLOY = REPO / "deploy"
@@ -67,11 +68,13 @@ class MissingVariable(Exception):
     pass
 
 
-_COMPOSE_VARIABLE = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
+_COMPOSE_VARIABLE = re.compile(
+    r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
+)
 
 
 def compose_interpolate(value: Any, env: Mapping[str, str]) -> Any:
-    """Compose's interpolation over a parsed file: ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, $$."""
+    """Compose's interpolation of a parsed file: ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err}, $$."""
     if isinstance(value, dict):
         return {key: compose_interpolate(item, env) for key, item in value.items()}
     if isinstance(value, list):
@@ -110,7 +113,11 @@ def k8s_documents() -> list[dict]:
 
 
 def k8s_object(kind: str, name: str | None = None) -> dict:
-    found = [d for d in k8s_documents() if d["kind"] == kind and (name is None or d["metadata"].get("name") == name)]
+    found = [
+        d
+        for d in k8s_documents()
+        if d["kind"] == kind and (name is None or d["metadata"].get("name") == name)
+    ]
     assert len(found) == 1, f"expected one {kind} {name or ''} in deploy/k8s, found {len(found)}"
     return found[0]
 
@@ -124,9 +131,11 @@ def k8s_expand(value: str, env: Mapping[str, str]) -> str:
     return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), value)
 
 
-def k8s_container_env(container: dict, configmaps: Mapping[str, dict], secrets: Mapping[str, dict]) -> dict[str, str]:
-    """A container's environment as the kubelet builds it: envFrom first, then env in order, each value expanded
-    with the variables defined before it; an optional key that is absent leaves its variable unset."""
+def k8s_container_env(
+    container: dict, configmaps: Mapping[str, dict], secrets: Mapping[str, dict]
+) -> dict[str, str]:
+    """A container's environment as the kubelet builds it: envFrom first, then env in order, each value
+    expanded with the variables defined before it; an optional key that is absent leaves it unset."""
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
         env.update(configmaps[source["configMapRef"]["name"]])
@@ -139,14 +148,18 @@ def k8s_container_env(container: dict, configmaps: Mapping[str, dict], secrets: 
         if ref["key"] in secret:
             env[item["name"]] = secret[ref["key"]]
         else:
-            assert ref.get("optional"), f"{item['name']}: key {ref['key']} is missing from Secret {ref['name']}"
+            assert ref.get("optional"), (
+                f"{item['name']}: key {ref['key']} is missing from Secret {ref['name']}"
+            )
     return env
 
 
 def values_of(tree: Any, key: str) -> list[Any]:
     """Every value under `key`, anywhere in a parsed manifest."""
     if isinstance(tree, dict):
-        return [v for k, v in tree.items() if k == key] + [x for v in tree.values() for x in values_of(v, key)]
+        return [v for k, v in tree.items() if k == key] + [
+            x for v in tree.values() for x in values_of(v, key)
+        ]
     if isinstance(tree, list):
         return [x for item in tree for x in values_of(item, key)]
     return []
@@ -178,7 +191,9 @@ def sbatch_worker_argv(env: Mapping[str, str]) -> list[str]:
     launches = [line for line in script.splitlines() if line.startswith("srun ")]
     assert launches == ['srun --ntasks-per-node=1 --kill-on-bad-exit=0 "${worker[@]}"'], launches
     probe = script.replace(launches[0], 'printf "\\n--argv--\\n"; printf "%s\\0" "${worker[@]}"')
-    result = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, env=dict(env), timeout=30)
+    result = subprocess.run(
+        ["bash", "-c", probe], check=False, capture_output=True, text=True, env=dict(env), timeout=30
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout.split("\n--argv--\n")[1].rstrip("\0").split("\0")
 
@@ -191,7 +206,9 @@ def systemd_unit() -> configparser.ConfigParser:
 
 
 def env_file(path: Path) -> dict[str, str]:
-    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
+    pairs = (
+        line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#")
+    )
     return {key: value for key, value in pairs}
 
 
@@ -243,9 +260,13 @@ def k8s_site_objects(**config: str) -> tuple[dict[str, dict], dict[str, dict]]:
 
 # ---------------------------------------------------------------- offline validation
 def test_no_password_is_written_in_a_recipe_and_compose_refuses_to_start_without_one():
-    written = [p for p in [*DEPLOY.rglob("*"), REPO / ".dockerignore"] if p.is_file() and "change-me" in p.read_text()]
+    written = [
+        p
+        for p in [*DEPLOY.rglob("*"), REPO / ".dockerignore"]
+        if p.is_file() and "change-me" in p.read_text()
+    ]
     assert written == []
-    assert not re.search(r"^\s*requirepass", (DEPLOY / "redis.conf").read_text(), re.M)
+    assert not re.search(r"^\s*requirepass", (DEPLOY / "redis.conf").read_text(), re.MULTILINE)
     with pytest.raises(MissingVariable, match="REDIS_PASSWORD: set REDIS_PASSWORD in deploy/compose/.env"):
         compose_services({})
     with pytest.raises(MissingVariable, match="REDIS_PASSWORD"):
@@ -253,14 +274,21 @@ def test_no_password_is_written_in_a_recipe_and_compose_refuses_to_start_without
     services = compose_services(compose_site_env())
     assert services["redis"]["command"][-2:] == ["--requirepass", REDIS_PASSWORD]
     for name in ("worker-cpu", "worker-gpu", "cli"):
-        assert services[name]["environment"]["SHARDGEN_BROKER_URL"] == f"redis://:{REDIS_PASSWORD}@redis:6379/0"
+        assert (
+            services[name]["environment"]["SHARDGEN_BROKER_URL"] == f"redis://:{REDIS_PASSWORD}@redis:6379/0"
+        )
     # Kubernetes: no Secret is checked in; the password exists only in the one secrets.env generates.
     assert [d for d in k8s_documents() if d["kind"] == "Secret"] == []
 
 
 def run_check_jsonschema(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(path)],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_compose_file_follows_the_compose_specification(tmp_path):
@@ -275,7 +303,9 @@ def test_compose_file_follows_the_compose_specification(tmp_path):
 
 def test_compose_has_a_cpu_profile_for_a_laptop_and_a_gpu_profile_for_every_gpu():
     services = compose_services(compose_site_env())
-    by_profile = {p: {n for n, s in services.items() if p in s.get("profiles", [])} for p in ("cpu", "gpu", "cli")}
+    by_profile = {
+        p: {n for n, s in services.items() if p in s.get("profiles", [])} for p in ("cpu", "gpu", "cli")
+    }
     assert by_profile == {"cpu": {"worker-cpu"}, "gpu": {"worker-gpu"}, "cli": {"cli"}}
     assert "profiles" not in services["redis"]  # started by every profile
 
@@ -283,7 +313,9 @@ def test_compose_has_a_cpu_profile_for_a_laptop_and_a_gpu_profile_for_every_gpu(
     assert option(cpu["command"], "--devices") == "cpu" and "deploy" not in cpu
     assert cpu["build"]["args"]["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
     assert option(gpu["command"], "--devices") == "all"
-    assert gpu["deploy"]["resources"]["reservations"]["devices"] == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    assert gpu["deploy"]["resources"]["reservations"]["devices"] == [
+        {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}
+    ]
     assert "TORCH_INDEX_URL" not in gpu["build"].get("args", {})  # PyPI's torch: the CUDA build
 
     volumes = compose_file()["volumes"]
@@ -296,8 +328,12 @@ def test_compose_has_a_cpu_profile_for_a_laptop_and_a_gpu_profile_for_every_gpu(
         cache = service["environment"]["SHARDGEN_CACHE_DIR"]
         cache_volume = [v.split(":")[0] for v in service["volumes"] if v.split(":")[1] == cache]
         assert cache_volume and cache_volume[0] in volumes, "the model cache must be a named volume"
-        assert "HF_TOKEN" in service["environment"] and service["environment"]["HF_TOKEN"] is None  # passed through
-        assert f"http://127.0.0.1:{option(service['command'], '--metrics-port')}/metrics" in " ".join(service["healthcheck"]["test"])
+        assert (
+            "HF_TOKEN" in service["environment"] and service["environment"]["HF_TOKEN"] is None
+        )  # passed through
+        assert f"http://127.0.0.1:{option(service['command'], '--metrics-port')}/metrics" in " ".join(
+            service["healthcheck"]["test"]
+        )
     assert_valid_shardgen_command(services["cli"]["command"])
     assert services["redis"]["healthcheck"]["test"][0] == "CMD-SHELL"
 
@@ -324,18 +360,27 @@ def test_kustomization_applies_every_manifest_and_generates_the_secret_they_read
     assert all((K8S / name).is_file() for name in listed)
     # Everything but the per-run Job is applied with `kubectl apply -k`.
     assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "submit-job.yaml"}
-    assert {d["metadata"]["namespace"] for d in k8s_documents() if "namespace" in d["metadata"]} == {kust["namespace"]}
+    assert {d["metadata"]["namespace"] for d in k8s_documents() if "namespace" in d["metadata"]} == {
+        kust["namespace"]
+    }
     generator = kust["secretGenerator"][0]
     assert generator["envs"] == ["secrets.env"] and kust["generatorOptions"]["disableNameSuffixHash"] is True
     assert "secrets.env" in (K8S / ".gitignore").read_text().split()
     required, optional = secret_keys_in_example()
     refs = [ref for doc in k8s_documents() for ref in values_of(doc, "secretKeyRef")]
-    assert {ref["key"] for ref in refs} == {"REDIS_PASSWORD", "HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert {ref["key"] for ref in refs} == {
+        "REDIS_PASSWORD",
+        "HF_TOKEN",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+    }
     for ref in refs:
         assert ref["name"] == generator["name"]
         assert ref["key"] in (optional if ref.get("optional") else required), ref
     auth = k8s_object("TriggerAuthentication")
-    assert {(r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]} == {(generator["name"], "REDIS_PASSWORD")}
+    assert {(r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]} == {
+        (generator["name"], "REDIS_PASSWORD")
+    }
 
 
 def test_kubernetes_worker_requests_a_gpu_drains_within_its_grace_and_is_ready_from_its_metrics():
@@ -351,7 +396,10 @@ def test_kubernetes_worker_requests_a_gpu_drains_within_its_grace_and_is_ready_f
     probe = container["readinessProbe"]["httpGet"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert probe["path"] == "/metrics" and ports[probe["port"]] == int(option(argv, "--metrics-port"))
-    assert deployment["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert (
+        deployment["spec"]["selector"]["matchLabels"].items()
+        <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
     assert env["SHARDGEN_BROKER_URL"] == f"redis://:{REDIS_PASSWORD}@shardgen-redis:6379/0"
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert env["SHARDGEN_CACHE_DIR"] in mounts
@@ -360,14 +408,19 @@ def test_kubernetes_worker_requests_a_gpu_drains_within_its_grace_and_is_ready_f
 
 
 def test_kubernetes_redis_keeps_its_aof_on_a_volume_behind_its_service():
-    service, statefulset = k8s_object("Service", "shardgen-redis"), k8s_object("StatefulSet", "shardgen-redis")
+    service, statefulset = (
+        k8s_object("Service", "shardgen-redis"),
+        k8s_object("StatefulSet", "shardgen-redis"),
+    )
     (container,) = statefulset["spec"]["template"]["spec"]["containers"]
     args = container["args"]
     assert option(args, "--appendonly") == "yes" and option(args, "--maxmemory-policy") == "noeviction"
     claims = {c["metadata"]["name"] for c in statefulset["spec"]["volumeClaimTemplates"]}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert mounts[option(args, "--dir")] in claims
-    assert service["spec"]["selector"].items() <= statefulset["spec"]["template"]["metadata"]["labels"].items()
+    assert (
+        service["spec"]["selector"].items() <= statefulset["spec"]["template"]["metadata"]["labels"].items()
+    )
     assert statefulset["spec"]["serviceName"] == service["metadata"]["name"]
     assert {p["port"] for p in service["spec"]["ports"]} == {6379}
 
@@ -392,7 +445,8 @@ def test_keda_scaled_object_scales_the_worker_deployment_on_its_models_queue():
     assert host == f"{service['metadata']['name']}.{kustomization()['namespace']}.svc.cluster.local"
     assert int(port) in {p["port"] for p in service["spec"]["ports"]}
     assert trigger["authenticationRef"]["name"] == k8s_object("TriggerAuthentication")["metadata"]["name"]
-    # Shards in flight are not in the list: scale-to-zero waits a long cooldown, scale-down goes one pod at a time.
+    # Shards in flight are not in the list: scale-to-zero waits a long cooldown, scale-down goes one pod at
+    # a time.
     assert spec["cooldownPeriod"] >= 600
     (policy,) = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["policies"]
     assert policy == {"type": "Pods", "value": 1, "periodSeconds": 120}
@@ -404,11 +458,13 @@ def test_quantized_models_get_their_own_queue_name():
 
 
 def test_sbatch_script_is_valid_bash_and_stops_within_slurms_kill_wait():
-    result = subprocess.run(["bash", "-n", str(SBATCH)], capture_output=True, text=True)
+    result = subprocess.run(["bash", "-n", str(SBATCH)], check=False, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     directives = sbatch_directives()
     assert directives["--ntasks-per-node"] == "1"
-    argv = sbatch_worker_argv({"PATH": os.environ["PATH"], "SHARDGEN_BROKER_URL": "redis://:pw@redis-host:6379/0"})
+    argv = sbatch_worker_argv(
+        {"PATH": os.environ["PATH"], "SHARDGEN_BROKER_URL": "redis://:pw@redis-host:6379/0"}
+    )
     assert argv[:4] == ["shardgen", "worker", "--devices", "all"]
     assert_valid_shardgen_command(argv[1:])
     grace = grace_seconds(argv)
@@ -418,8 +474,15 @@ def test_sbatch_script_is_valid_bash_and_stops_within_slurms_kill_wait():
 
 
 def test_sbatch_script_without_a_broker_url_stops_before_srun_and_says_what_to_export(tmp_path):
-    result = subprocess.run(["bash", str(SBATCH)], capture_output=True, text=True, timeout=30,
-                            env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)}, cwd=tmp_path)
+    result = subprocess.run(
+        ["bash", str(SBATCH)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)},
+        cwd=tmp_path,
+    )
     assert result.returncode != 0
     assert "export SHARDGEN_BROKER_URL=redis://:PASSWORD@HOST:6379/0 before sbatch" in result.stderr
     assert "srun" not in result.stderr
@@ -442,25 +505,49 @@ def dockerignored(path: str, patterns: list[str]) -> bool:
         negate = pattern.startswith("!")
         pattern = pattern.lstrip("!").strip("/")
         prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-        if any(fnmatch.fnmatch(p, pattern) or fnmatch.fnmatch(p, pattern.replace("**/", "")) for p in prefixes):
+        if any(
+            fnmatch.fnmatch(p, pattern) or fnmatch.fnmatch(p, pattern.replace("**/", "")) for p in prefixes
+        ):
             ignored = not negate
     return ignored
 
 
 def test_image_copies_every_package_and_the_build_context_leaves_out_venv_and_git():
     instructions = dockerfile_instructions()
-    copied = [source for instruction, rest in instructions if instruction == "COPY" for source in shlex.split(rest)[:-1]]
-    package_roots = {p.split("/")[0] for p in tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()}
+    copied = [
+        source
+        for instruction, rest in instructions
+        if instruction == "COPY"
+        for source in shlex.split(rest)[:-1]
+    ]
+    package_roots = {
+        p.split("/")[0]
+        for p in tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
+            "package-dir"
+        ].values()
+    }
     assert package_roots | {"pyproject.toml", "README.md"} == set(copied)
     entrypoint = [rest for instruction, rest in instructions if instruction == "ENTRYPOINT"]
     assert entrypoint == ['["tini", "--", "shardgen"]']  # tini forwards SIGTERM: workers drain
     args = dict(rest.split("=", 1) for instruction, rest in instructions if instruction == "ARG")
     makefile = (REPO / "Makefile").read_text()
-    assert re.search(rf"^TORCH_VERSION \?= {re.escape(args['TORCH_VERSION'])}$", makefile, re.M)
+    assert re.search(rf"^TORCH_VERSION \?= {re.escape(args['TORCH_VERSION'])}$", makefile, re.MULTILINE)
 
-    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")]
-    for path in (".venv/bin/python", ".git/HEAD", "runs/x/part-00000.parquet", ".pytest_cache/v", "tests/test_deploy.py",
-                 "workers/__pycache__/api.cpython-311.pyc", "deploy/compose/.env", "deploy/k8s/secrets.env"):
+    patterns = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for path in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "runs/x/part-00000.parquet",
+        ".pytest_cache/v",
+        "tests/test_deploy.py",
+        "workers/__pycache__/api.cpython-311.pyc",
+        "deploy/compose/.env",
+        "deploy/k8s/secrets.env",
+    ):
         assert dockerignored(path, patterns), path
     for path in copied + ["workers/lifecycle/scripts/complete.lua", "producer/examples/questions.jsonl"]:
         assert not dockerignored(path, patterns), path
@@ -470,8 +557,12 @@ def test_image_copies_every_package_and_the_build_context_leaves_out_venv_and_gi
 def start_redis(argv: list[str], tmp_path: Path) -> tuple[subprocess.Popen, int]:
     """A recipe's redis-server command, on a free loopback port: flags given last override its config."""
     port = free_port()
-    server = subprocess.Popen([*argv, "--port", str(port), "--bind", "127.0.0.1"], cwd=tmp_path,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [*argv, "--port", str(port), "--bind", "127.0.0.1"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     probe = redis.Redis(port=port, password=REDIS_PASSWORD, socket_timeout=2, socket_connect_timeout=2)
 
     def answers() -> bool:
@@ -490,7 +581,9 @@ def health_check(command: list[str], port: int, password: str) -> int:
     """Run a recipe's `sh -c` health check against the port our redis-server listens on."""
     script = command[-1].replace("redis-cli", f"redis-cli -p {port}")
     env = {"PATH": os.environ["PATH"], "REDISCLI_AUTH": password}
-    return subprocess.run(["sh", "-c", script], env=env, capture_output=True, timeout=30).returncode
+    return subprocess.run(
+        ["sh", "-c", script], env=env, check=False, capture_output=True, timeout=30
+    ).returncode
 
 
 def recipe_redis_commands(tmp_path: Path) -> dict[str, tuple[list[str], list[str]]]:
@@ -519,13 +612,19 @@ def recipe_redis_commands(tmp_path: Path) -> dict[str, tuple[list[str], list[str
 
 @pytest.mark.redis
 @pytest.mark.parametrize("recipe", ["compose", "k8s"])
-def test_recipe_redis_starts_with_aof_no_eviction_a_password_and_a_health_check_that_needs_it(recipe, tmp_path):
+def test_recipe_redis_starts_with_aof_no_eviction_a_password_and_a_health_check_that_needs_it(
+    recipe, tmp_path
+):
     argv, check = recipe_redis_commands(tmp_path)[recipe]
     server, port = start_redis(argv, tmp_path)
     try:
         client = redis.Redis(port=port, password=REDIS_PASSWORD, socket_timeout=2)
         config = client.config_get("*")
-        assert (config["appendonly"], config["appendfsync"], config["maxmemory-policy"]) == ("yes", "everysec", "noeviction")
+        assert (config["appendonly"], config["appendfsync"], config["maxmemory-policy"]) == (
+            "yes",
+            "everysec",
+            "noeviction",
+        )
         assert config["save"] == "900 1"
         with pytest.raises(redis.exceptions.AuthenticationError):
             redis.Redis(port=port, socket_timeout=2).ping()
@@ -558,12 +657,16 @@ class Site:
         return path
 
     def container_paths(self) -> dict[str, str]:
-        return {"/opt/shardgen": str(REPO), "/cache": str(self.tmp / "cache"), "/runs": str(self.tmp / "runs")}
+        return {
+            "/opt/shardgen": str(REPO),
+            "/cache": str(self.tmp / "cache"),
+            "/runs": str(self.tmp / "runs"),
+        }
 
     def map_path(self, value: str) -> str:
         for inside, here in self.container_paths().items():
             if value == inside or value.startswith(inside + "/"):
-                return here + value[len(inside):]
+                return here + value[len(inside) :]
         return value
 
     def map_address(self, url: str, *hosts: str) -> str:
@@ -590,7 +693,7 @@ class Site:
 
 @dataclass
 class Launch:
-    """What a recipe runs: its worker, the submit that feeds it, and how the platform sees it ready and stops it."""
+    """What a recipe runs: its worker, the submit that feeds it, how the platform sees it ready, stops it."""
 
     worker: list[str]
     worker_env: dict[str, str]
@@ -599,7 +702,8 @@ class Launch:
     ready: Callable[[], bool]
     stop_within_s: float
     stop_whole_tree: bool = False
-    """SLURM and systemd's default KillMode signal every process of the job; Docker (tini) and Kubernetes PID 1."""
+    """SLURM signals every process of the job step; Docker (through tini), Kubernetes and systemd with
+    KillMode=mixed signal the main process only."""
     rows: int = EXAMPLE_ROWS
 
 
@@ -613,7 +717,9 @@ def http_ok(url: str) -> bool:
 
 def compose_launch(site: Site, worker_service: str, input_path: Path | None = None) -> Launch:
     """`input_path` None: the cli service's default input, the example bundled in the image."""
-    env = compose_site_env(REDIS_HOST="redis", SHARDGEN_MODEL=site.model, SHARDGEN_WORK_DIR=str(site.tmp / "runs"))
+    env = compose_site_env(
+        REDIS_HOST="redis", SHARDGEN_MODEL=site.model, SHARDGEN_WORK_DIR=str(site.tmp / "runs")
+    )
     if input_path is not None:
         env["SHARDGEN_INPUT"] = str(input_path)
     services = compose_services(env)
@@ -632,7 +738,7 @@ def compose_launch(site: Site, worker_service: str, input_path: Path | None = No
         worker_env=container_env(worker),
         submit=[*SHARDGEN, *[site.map_path(a) for a in submit["command"]]],
         submit_env=container_env(submit),
-        ready=lambda: subprocess.run(check, capture_output=True, timeout=30).returncode == 0,
+        ready=lambda: subprocess.run(check, check=False, capture_output=True, timeout=30).returncode == 0,
         stop_within_s=duration_s(worker["stop_grace_period"]),
         rows=EXAMPLE_ROWS if input_path is None else SMALL_ROWS,
     )
@@ -673,32 +779,56 @@ def k8s_launch(site: Site, s3_server) -> Launch:
 
 def node_submit(site: Site) -> tuple[list[str], dict[str, str]]:
     """SLURM and systemd nodes run only workers; a run is submitted from anywhere that reaches Redis."""
-    argv = [*SHARDGEN, "submit", str(site.small_input()), "--work-dir",
-            str(site.tmp / "runs"), "--model", site.model]
+    argv = [
+        *SHARDGEN,
+        "submit",
+        str(site.small_input()),
+        "--work-dir",
+        str(site.tmp / "runs"),
+        "--model",
+        site.model,
+    ]
     return argv, {"SHARDGEN_BROKER_URL": site.broker}
 
 
 def slurm_launch(site: Site) -> Launch:
-    env = {"PATH": os.environ["PATH"], "HOME": str(site.tmp), "SHARDGEN_BROKER_URL": site.broker, "SHARDGEN_MODEL": site.model,
-           "SHARDGEN_CACHE_DIR": str(site.tmp / "cache")}
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(site.tmp),
+        "SHARDGEN_BROKER_URL": site.broker,
+        "SHARDGEN_MODEL": site.model,
+        "SHARDGEN_CACHE_DIR": str(site.tmp / "cache"),
+    }
     argv = sbatch_worker_argv(env)
     submit, submit_env = node_submit(site)
     return Launch(
-        worker=site.hardware(argv), worker_env={k: v for k, v in env.items() if k.startswith("SHARDGEN_")},
-        submit=submit, submit_env=submit_env,
+        worker=site.hardware(argv),
+        worker_env={k: v for k, v in env.items() if k.startswith("SHARDGEN_")},
+        submit=submit,
+        submit_env=submit_env,
         ready=lambda: http_ok(f"http://127.0.0.1:{site.metrics_port}/metrics"),
-        stop_within_s=SLURM_DEFAULT_KILL_WAIT_S, stop_whole_tree=True, rows=SMALL_ROWS,
+        stop_within_s=SLURM_DEFAULT_KILL_WAIT_S,
+        stop_whole_tree=True,
+        rows=SMALL_ROWS,
     )
 
 
 def systemd_launch(site: Site) -> Launch:
-    env = {**env_file(DEPLOY / "systemd" / "shardgen.env.example"), "SHARDGEN_BROKER_URL": site.broker,
-           "SHARDGEN_MODEL": site.model, "SHARDGEN_CACHE_DIR": str(site.tmp / "cache")}
+    env = {
+        **env_file(DEPLOY / "systemd" / "shardgen.env.example"),
+        "SHARDGEN_BROKER_URL": site.broker,
+        "SHARDGEN_MODEL": site.model,
+        "SHARDGEN_CACHE_DIR": str(site.tmp / "cache"),
+    }
     submit, submit_env = node_submit(site)
     return Launch(
-        worker=site.hardware(systemd_worker_argv(env)), worker_env=env, submit=submit, submit_env=submit_env,
+        worker=site.hardware(systemd_worker_argv(env)),
+        worker_env=env,
+        submit=submit,
+        submit_env=submit_env,
         ready=lambda: http_ok(f"http://127.0.0.1:{site.metrics_port}/metrics"),
-        stop_within_s=float(systemd_unit()["Service"]["TimeoutStopSec"]), rows=SMALL_ROWS,
+        stop_within_s=float(systemd_unit()["Service"]["TimeoutStopSec"]),
+        rows=SMALL_ROWS,
     )
 
 
@@ -717,7 +847,9 @@ def process_tree(pid: int) -> list[psutil.Process]:
 
 @pytest.mark.redis
 @pytest.mark.parametrize("recipe", ["compose-cpu", "compose-gpu", "k8s", "slurm", "systemd"])
-def test_recipe_commands_run_a_job_to_the_end_and_drain_on_sigterm(recipe, tmp_path, password_redis, tiny_model_dir, request):
+def test_recipe_commands_run_a_job_to_the_end_and_drain_on_sigterm(
+    recipe, tmp_path, password_redis, tiny_model_dir, request
+):
     redis.Redis(port=password_redis.port, password=REDIS_PASSWORD).flushall()
     site = Site(tmp_path, password_redis.port, str(tiny_model_dir))
     (tmp_path / "runs").mkdir()
@@ -733,32 +865,54 @@ def test_recipe_commands_run_a_job_to_the_end_and_drain_on_sigterm(recipe, tmp_p
 
     log_path = tmp_path / "worker.log"
     with open(log_path, "wb") as log:
-        worker = subprocess.Popen(launch.worker, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
-                                  env=site.process_env(launch.worker_env), start_new_session=True)
+        worker = subprocess.Popen(
+            launch.worker,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            env=site.process_env(launch.worker_env),
+            start_new_session=True,
+        )
     try:
+
         def ready() -> bool:
             if worker.poll() is not None:
-                raise AssertionError(f"worker exited with {worker.returncode}:\n{log_path.read_text(errors='replace')[-3000:]}")
+                raise AssertionError(
+                    f"worker exited with {worker.returncode}:\n{log_path.read_text(errors='replace')[-3000:]}"
+                )
             return launch.ready()
 
         wait_until(ready, timeout=240, what=f"the {recipe} worker's readiness check", interval=0.5)
 
-        submitted = subprocess.run(launch.submit, capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                                   env=site.process_env(launch.submit_env))
+        submitted = subprocess.run(
+            launch.submit,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+            env=site.process_env(launch.submit_env),
+        )
         assert submitted.returncode == 0, submitted.stdout + submitted.stderr
         (run_id,) = RunStore(site.broker).run_ids()
         assert run_id in submitted.stdout
-        wait_until(lambda: run_status_now(run_id, site.broker)["finished_at"] is not None, timeout=300,
-                   what=f"run {run_id} to end", interval=0.5)
+        wait_until(
+            lambda: run_status_now(run_id, site.broker)["finished_at"] is not None,
+            timeout=300,
+            what=f"run {run_id} to end",
+            interval=0.5,
+        )
         status = run_status_now(run_id, site.broker)
-        assert (status["state"], status["rows_done"], status["rows_failed"]) == ("done", launch.rows, 0), status
+        assert (status["state"], status["rows_done"], status["rows_failed"]) == ("done", launch.rows, 0), (
+            status
+        )
 
-        # Scale-down: SIGTERM as the platform sends it; every process is gone before the platform would SIGKILL.
+        # Scale-down: SIGTERM as the platform sends it; every process is gone before the platform's SIGKILL.
         tree = process_tree(worker.pid)
-        for process in (tree if launch.stop_whole_tree else tree[:1]):
+        for process in tree if launch.stop_whole_tree else tree[:1]:
             process.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=launch.stop_within_s) == 0, log_path.read_text(errors="replace")[-3000:]
-        gone, alive = psutil.wait_procs(tree, timeout=5)
+        _, alive = psutil.wait_procs(tree, timeout=5)
         assert alive == [], f"left running after the worker exited: {alive}"
     finally:
         if worker.poll() is None:
