@@ -35,7 +35,7 @@ TABLES = ("generation", "sampling", "params", "model", "columns", "run", "worker
 
 COLUMN_FIELDS = {f.name for f in dataclasses.fields(ColumnMapping)}
 MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelSpec)}
-PARAM_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)} | set(PARAM_ALIASES) | {"do_sample"}
+PARAM_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)} | set(PARAM_ALIASES) | {"do_sample", "use_cache"}
 RUN_FIELDS = {"input", "split", "subset", "revision", "limit", "shard_size", "chat_template", "max_prompt_tokens", "max_retries"}
 RUNTIME_FIELDS = {"device", "batch_size", "max_memory", "work_dir", "broker", "output", "hf_token", "allow_partial", "compile",
                   "storage_options"}
@@ -71,6 +71,12 @@ def normalize(raw: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
             if not isinstance(value, Mapping):
                 raise InvalidParameter(f"storage_options in {source} must be a table")
             flat[key] = dict(value)
+        elif key == "inferencer" and isinstance(value, Mapping):  # a fine-tuning suite's Inferencer config file
+            from shardgen.compat.inferencer import run_options
+
+            nested = run_options(value, source)
+            quantization.update(nested.pop("quantization_config", {}))
+            flat.update(nested)
         elif key in TABLES and isinstance(value, Mapping):
             if key == "model" and "revision" in value:  # inside [model], revision is the model's
                 value = {("model_revision" if k == "revision" else k): v for k, v in value.items()}

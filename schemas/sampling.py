@@ -114,10 +114,14 @@ class SamplingParams:
             name = ALIASES.get(key, key)
             if name == "do_sample":
                 continue
+            if name == "use_cache":  # transformers' KV cache switch: the engine always caches, with the same tokens
+                if not isinstance(value, bool):
+                    raise InvalidParameter(f"use_cache must be true or false, got {value!r}")
+                continue
             if name not in known:
                 raise InvalidParameter(
                     f"unknown generation parameter {key!r} in {source}",
-                    f"use one of {', '.join(sorted(known | set(ALIASES) | {'do_sample'}))}",
+                    f"use one of {', '.join(sorted(known | set(ALIASES) | {'do_sample', 'use_cache'}))}",
                 )
             kwargs[name] = value
         # transformers' do_sample: False means greedy whatever the temperature; True with no temperature means 1.

@@ -70,3 +70,19 @@ def test_bad_toml_values_are_refused_with_the_name(tmp_path, text, fragment):
 def test_missing_config_file():
     with pytest.raises(InvalidParameter, match="config file nope.toml does not exist"):
         load_config("nope.toml")
+
+
+def test_a_fine_tuning_suites_inferencer_file_and_use_cache_are_taken_as_they_are(tmp_path):
+    from shardgen.producer.config import build_run_spec, load_config
+    from shardgen.schemas.errors import InvalidParameter
+
+    path = tmp_path / "config.toml"
+    path.write_text('[inferencer]\nquestion_column = "input"\nground_truth_column = "output"\nmax_new_tokens = 8\n'
+                    'temperature = 0.0\nuse_cache = true\nmodel = "smollm2-135m"\n')
+    options = load_config(path)
+    spec = build_run_spec({**options, "input": "test.jsonl"})
+    assert (spec.columns.prompt_column, spec.columns.ground_truth_column) == ("input", "output")
+    assert spec.params.max_new_tokens == 8 and spec.model.model == "smollm2-135m"
+    (tmp_path / "g.toml").write_text('input = "x.jsonl"\n[generation]\nuse_cache = "sometimes"\n')
+    with pytest.raises(InvalidParameter, match="use_cache must be true or false"):
+        build_run_spec(load_config(tmp_path / "g.toml"))
