@@ -92,6 +92,8 @@ generation_options = _options(
     click.option("-n", "--n", "--num-return-sequences", "n", type=int, help="Samples per prompt [default: 1]."),
     click.option("--seed", type=int, help="Base seed; every row derives its own, so results repeat [default: random, recorded]."),
     click.option("--num-beams", type=int, help="Beam search width; 1 is off [default: 1]."),
+    click.option("--logprobs", type=int, help="Record each generated token's logprob and its K most likely alternatives "
+                 "(a `logprobs` column; 0 records only the chosen token's) [default: off]."),
     click.option("--length-penalty", type=float, help="Beam search length penalty [default: 1]."),
     click.option("--early-stopping/--no-early-stopping", default=None, help="Beam search early stopping."),
 )

@@ -199,3 +199,18 @@ def test_collect_scores_adds_row_metadata_and_names_how_shards_were_made(tmp_pat
     assert meta["run_id"] == spec.run_id and meta["generator"] == "engine" and meta["quantize"] == "none"
     with pytest.raises(InputError, match="JSONL"):
         collect(layout, spec, 3, 2, str(parquet), row_metadata=True)
+
+
+def test_logprobs_are_recorded_per_generated_token(tmp_path, spec, tiny_loaded):
+    import math
+    from dataclasses import replace
+
+    spec = replace(spec, params=SamplingParams(max_new_tokens=4, logprobs=3))
+    outcome = process_shard(Shard(spec.run_id, 0, rows("hello", "")), spec, tiny_loaded, make_generator(tiny_loaded, 4),
+                            str(tmp_path / "a.parquet"))
+    first, failed = pq.read_table(outcome.location).to_pylist()
+    assert len(first["logprobs"]) == first["generated_tokens"] == 4 and failed["logprobs"] is None
+    for token in first["logprobs"]:
+        assert len(token["top_token_ids"]) == 3 and token["logprob"] <= 0
+        assert token["token_id"] == token["top_token_ids"][0]  # greedy picks the most likely token
+        assert math.isclose(token["logprob"], token["top_logprobs"][0], rel_tol=1e-6)

@@ -51,6 +51,8 @@ def result_table(
     columns["generation_time_s"] = pa.array([o.generation_time_s for o in outputs], pa.float64())
     columns["prompt_truncated"] = pa.array([p is not None and p.truncated_from is not None for p in prompts], pa.bool_())
     columns["error"] = pa.array([o.error for o in outputs], pa.string())
+    if spec.params.logprobs is not None:
+        columns["logprobs"] = _logprobs_column(outputs, many)
     table = pa.table(columns)
     return table.replace_schema_metadata({meta_key(k): str(v).encode() for k, v in metadata.items()})
 
@@ -60,3 +62,22 @@ def _input_array(values: list[Any], type_: pa.DataType | None) -> pa.Array:
         return pa.array(values, type_)
     except (pa.ArrowInvalid, pa.ArrowTypeError):  # e.g. text that is not valid UTF-8 in a string column
         return pa.array([None if v is None else v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values], pa.string())
+
+
+LOGPROB_TYPE = pa.list_(pa.struct([
+    ("token_id", pa.int32()), ("logprob", pa.float32()),
+    ("top_token_ids", pa.list_(pa.int32())), ("top_logprobs", pa.list_(pa.float32())),
+]))
+
+
+def _logprobs_column(outputs: Sequence[GenerationOutput], many: bool) -> pa.Array:
+    """Per generated token: its logprob and the top-K alternatives (a list per sample when n > 1)."""
+
+    def of(sample: Any) -> list[dict[str, Any]] | None:
+        if sample.logprobs is None:
+            return None
+        return [{"token_id": t.token_id, "logprob": t.logprob, "top_token_ids": list(t.top_token_ids),
+                 "top_logprobs": list(t.top_logprobs)} for t in sample.logprobs]
+
+    values = [None if o.error is not None else [of(s) for s in o.samples] if many else of(o.samples[0]) for o in outputs]
+    return pa.array(values, pa.list_(LOGPROB_TYPE) if many else LOGPROB_TYPE)
