@@ -32,11 +32,11 @@ QUESTIONS = ["Describe {s} at dawn in two sentences.", "Write a short poem about
 
 
 def write_short_prompts(path: Path, rows: int, seed: int = 0) -> int:
-    """`rows` short prompts (about 180 bytes a JSONL line, like the issue's 17.4 MiB per 100k); returns bytes."""
+    """`rows` short prompts, about 180 bytes a JSONL line (17 MiB per 100k rows); returns the file's bytes."""
     rng = random.Random(seed)
     with open(path, "w", encoding="utf-8") as handle:
         for i in range(rows):
-            prompt = rng.choice(QUESTIONS).format(s=rng.choice(SUBJECTS)) + " Keep it under fifty words, please."
+            prompt = rng.choice(QUESTIONS).format(s=rng.choice(SUBJECTS)) + " Keep it short, simple and friendly: under fifty words, please."
             handle.write(json.dumps({"id": f"row-{i:07d}", "prompt": prompt, "topic": rng.choice(SUBJECTS)}) + "\n")
     return path.stat().st_size
 

@@ -8,8 +8,6 @@ import time
 from typing import Any, Callable
 
 import click
-from rich.console import Console
-from rich.live import Live
 
 from shardgen.schemas.errors import BrokerError, ShardgenError
 from shardgen.schemas.model import DTYPES, QUANTIZE_METHODS
@@ -17,10 +15,9 @@ from shardgen.schemas.model import DTYPES, QUANTIZE_METHODS
 from shardgen.workers import BROKER_ENV, DEFAULT_BROKER_URL
 
 from . import config as config_mod
-from .command_support import console, one_line_errors, quiet_libraries
+from .command_support import console, one_line_errors, out, print_json, quiet_libraries
 from .score import METRICS as SCORE_METRICS
 
-out = Console()
 
 
 # ---------------------------------------------------------------- shared options
@@ -248,7 +245,7 @@ def run(show: int, score: bool, metrics: tuple[str, ...], row_metadata: bool, **
         compile=bool(options.get("compile")),
         score_metrics=metrics if score else None,
         row_metadata=row_metadata,
-        console=console,
+        console=console.get(),
     )
     from .display import human_bytes, human_duration, key_value_table
 
@@ -361,7 +358,7 @@ def submit(as_json: bool, resume_id: str | None, **kwargs: Any) -> None:
         submitted = submit_run(spec, work_dir, store, console)
     run_id = submitted.spec.run_id
     if as_json:
-        out.print_json(json.dumps({**run_status(store.record(run_id), time.time()), "spec": submitted.spec.to_dict()}))
+        print_json({**run_status(store.record(run_id), time.time()), "spec": submitted.spec.to_dict()})
         return
     out.print(run_id, highlight=False, soft_wrap=True)
     model = submitted.spec.model
@@ -461,7 +458,7 @@ def worker(devices: str | None, loglevel: str, node_name: str | None, grace_seco
         node_name=node_name,
         grace_s=grace_seconds,
         metrics_port=metrics_port,
-        console=console,
+        console=console.get(),
     )
 
 
@@ -500,24 +497,28 @@ def status(run_id: str | None, broker: str | None, as_json: bool, watch: bool, i
     Without RUN_ID, list recent runs. Exit code with --watch: 0 when the run is done, 1 when it failed
     or was cancelled.
     """
-    from .status import runs_table, status_view
-
     store = _store(broker)
     if run_id is None:
         records = [store.record(r, details=False) for r in store.run_ids()]
         if as_json:
-            out.print_json(json.dumps([{"run_id": r.run_id, "state": r.state.value, "rows_total": r.rows_total, "rows_done": r.rows_done} for r in records]))
+            print_json([{"run_id": r.run_id, "state": r.state.value, "rows_total": r.rows_total, "rows_done": r.rows_done} for r in records])
         else:
+            from .status import runs_table
+
             out.print(runs_table(records))
         return
     current = _run_status(store, run_id)
     if as_json and not watch:
-        out.print_json(json.dumps(current))
+        print_json(current)
         return
+    from .status import status_view
+
     if not watch:
         out.print(status_view(current))
         return
-    with Live(status_view(current), console=out, refresh_per_second=4) as live:
+    from rich.live import Live
+
+    with Live(status_view(current), console=out.get(), refresh_per_second=4) as live:
         unreachable_since: float | None = None
         while current["finished_at"] is None:
             time.sleep(interval)
@@ -531,7 +532,7 @@ def status(run_id: str | None, broker: str | None, as_json: bool, watch: bool, i
                 continue
             live.update(status_view(current))
     if as_json:
-        out.print_json(json.dumps(current))
+        print_json(current)
     sys.exit(0 if current["state"] == "done" else 1)
 
 

@@ -9,11 +9,38 @@ import sys
 from typing import Any, Callable
 
 import click
-from rich.console import Console
-
 from shardgen.schemas.errors import InvalidParameter, ShardgenError
 
-console = Console(stderr=True)
+
+class LazyConsole:
+    """A rich Console made on first use: commands that print only JSON (`status --json`) never import rich."""
+
+    def __init__(self, **options: Any):
+        self._options, self._console = options, None
+
+    def get(self) -> Any:
+        """The rich Console itself."""
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.get(), name)
+
+
+console = LazyConsole(stderr=True)
+"""Messages, progress and errors (stderr)."""
+out = LazyConsole()
+"""Results: tables and JSON (stdout)."""
+
+
+def print_json(data: Any) -> None:
+    """JSON on stdout for scripts: plain, without importing rich."""
+    import json
+
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
 def one_line_errors(func: Callable) -> Callable:

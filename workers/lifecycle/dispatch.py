@@ -6,7 +6,7 @@ from typing import Any, Protocol
 
 from .store import RunStore
 
-WAKE_WINDOW = 64
+WAKE_WINDOW = 32
 """Wake-ups kept in flight per queue: enough to start every idle worker quickly, few enough to cost nothing."""
 
 

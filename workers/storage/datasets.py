@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +75,21 @@ def _load_file(source: str, path: Path) -> Any:
     if is_url(source):
         if not files.exists(source):
             raise InputError(f"input file {source} does not exist", "check the URL")
-        return datasets.load_dataset(fmt, data_files=source, split="train", storage_options=files.storage_options())
+        return datasets.load_dataset(fmt, data_files=source, split="train", storage_options=files.storage_options(),
+                                     cache_dir=_scratch_cache())
     if not os.access(path, os.R_OK):
         raise InputError(f"cannot read {path}: permission denied", "check the file's permissions")
     if path.stat().st_size == 0:
         raise InputError(f"dataset {source} has no rows", "pass a file with at least one row")
-    return datasets.load_dataset(fmt, data_files=str(path), split="train")
+    return datasets.load_dataset(fmt, data_files=str(path), split="train", cache_dir=_scratch_cache())
+
+
+def _scratch_cache() -> str:
+    """Where `datasets` writes its Arrow copy of a data file: gone when this process ends. In its default cache
+    every run of a new file would leave a full copy behind (submit stages its own; run reads the file once)."""
+    directory = tempfile.mkdtemp(prefix="shardgen-datasets-")
+    atexit.register(shutil.rmtree, directory, True)
+    return directory
 
 
 def _pick_split(dataset_dict: Any, split: str | None, source: str) -> Any:
