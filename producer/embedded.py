@@ -68,7 +68,7 @@ def run_embedded(
 ) -> RunSummary:
     console = console or Console(stderr=True)
     output = str(output)
-    if row_metadata and output_format(output) != ".jsonl":
+    if output_format(output) != ".jsonl" and row_metadata:
         raise InputError("--row-metadata adds a metadata object to each JSONL row", "write the output to a .jsonl file")
     table = read_input(spec)
     parts = parts_dir_for(output)
