@@ -123,11 +123,35 @@ def table_records(table: Any) -> list[dict[str, Any]]:
         columns = table.to_pydict()
     except UnicodeDecodeError:
         columns = {name: _strings_or_bytes(column) for name, column in zip(table.column_names, table.columns)}
-    if b"huggingface" in (table.schema.metadata or {}):
+    if _needs_decoding(table.schema.metadata):
         import datasets
 
         columns = datasets.Features.from_arrow_schema(table.schema).decode_batch(columns)
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+PLAIN_FEATURES = {"Value", "List", "LargeList", "Sequence", "ClassLabel"}
+"""`datasets` feature types whose Arrow values are already what decoding gives (no need to import it)."""
+
+
+def _needs_decoding(metadata: dict[bytes, bytes] | None) -> bool:
+    raw = (metadata or {}).get(b"huggingface")
+    if not raw:
+        return False
+    try:
+        features = json.loads(raw)["info"]["features"]
+    except (ValueError, KeyError, TypeError):
+        return True
+    return bool(_feature_types(features) - PLAIN_FEATURES)
+
+
+def _feature_types(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        found = {node["_type"]} if isinstance(node.get("_type"), str) else set()
+        return found.union(*(_feature_types(value) for value in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_feature_types(item) for item in node))
+    return set()
 
 
 def _strings_or_bytes(column: Any) -> list[Any]:

@@ -72,6 +72,7 @@ def start_worker(
 
 def serve(ctx: WorkerContext, url: str, loglevel: str, name: str) -> None:
     """Take shards from ctx.queue until a shutdown signal; the watchdog runs beside it."""
+    _load_what_shards_use()
     app = configure(url)
     tasks.CONTEXT = ctx
     _on_shutdown_signal(ctx.shutdown)
@@ -84,6 +85,15 @@ def serve(ctx: WorkerContext, url: str, loglevel: str, name: str) -> None:
     finally:
         watchdog.stop()
         ctx.store.remove_worker(ctx.worker_id)
+
+
+def _load_what_shards_use() -> None:
+    """Import now, before taking shards, what the first shard would otherwise import on its own clock: building
+    the first Arrow array loads pyarrow's pandas shim and compute functions (about 0.3 s)."""
+    import pyarrow as pa
+    import pyarrow.compute  # noqa: F401
+
+    pa.array([""])
 
 
 def _on_shutdown_signal(shutdown: Shutdown) -> None:
