@@ -105,11 +105,14 @@ def run_fleet(workers: int, shards: int, scratch: Path) -> dict[str, Any]:
                 raise click.ClickException(f"the load workers did not start: see {scratch}")
             time.sleep(0.2)
         spec = RunSpec(input=str(data), model=ModelSpec(model=LOAD_MODEL), shard_size=1)
+        pids = [p.pid for p in processes] + [server.pid]
+        cpu_before = [_cpu_seconds(pid) for pid in pids]
         submit_run(spec, str(scratch / "work"), store, Console(stderr=True, quiet=True))
         while not (record := store.record(spec.run_id, details=False)).finished:
             if time.time() > deadline + 600:
                 raise click.ClickException("the run did not finish in 10 minutes")
             time.sleep(0.1)
+        cpu = [after - before for before, after in zip(cpu_before, (_cpu_seconds(pid) for pid in pids))]
         elapsed = record.finished_at - record.started_at
         in_shard = sum(s.seconds for s in store.shards(spec.run_id))
     finally:
@@ -124,9 +127,17 @@ def run_fleet(workers: int, shards: int, scratch: Path) -> dict[str, Any]:
         server.wait(30)
     return {
         "workers": workers, "shards": shards, "seconds": elapsed, "shards_per_s": shards / elapsed,
-        "per_shard_ms": workers * elapsed / shards * 1000, "process_shard_ms": in_shard / shards * 1000,
+        "cpu_per_shard_ms": sum(cpu) / shards * 1000, "redis_cpu_per_shard_ms": cpu[-1] / shards * 1000,
+        "wall_per_shard_ms": workers * elapsed / shards * 1000, "process_shard_ms": in_shard / shards * 1000,
         "state": record.state.value,
     }
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @click.command("bench-fleet")
@@ -136,8 +147,9 @@ def run_fleet(workers: int, shards: int, scratch: Path) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def bench_fleet(worker_counts: str, shards: int, as_json: bool) -> None:
     """Run a job of one-row shards through N real worker processes whose generator does no model work, and
-    report shards/s and the per-shard overhead: the wall time a worker spends per shard (N x elapsed / shards),
-    and the part of it inside process_shard (reading the staged input, writing the result)."""
+    report shards/s and the per-shard overhead: the CPU every worker process and Redis spend per shard (what
+    bounds shards/s when workers outnumber cores), the wall time a worker spends per shard (N x elapsed /
+    shards), and the part of it inside process_shard (reading the staged input, writing the result)."""
     results = []
     for count in [int(c) for c in worker_counts.split(",") if c.strip()]:
         scratch = Path(tempfile.mkdtemp(prefix="shardgen-bench-fleet-"))
@@ -154,7 +166,8 @@ def bench_fleet(worker_counts: str, shards: int, as_json: bool) -> None:
         return
     Console().print(rows_table(
         f"control plane: {shards} one-row shards, one Redis, a generator that does no model work",
-        ["workers", "shards/s", "vs first", "per shard (ms)", "in process_shard (ms)", "seconds"],
-        [(r["workers"], f"{r['shards_per_s']:.0f}", f"{r['vs_first']:.2f}x", f"{r['per_shard_ms']:.1f}",
-          f"{r['process_shard_ms']:.1f}", f"{r['seconds']:.1f}") for r in results],
+        ["workers", "shards/s", "vs first", "CPU ms/shard", "of it Redis", "wall ms/shard", "in process_shard", "seconds"],
+        [(r["workers"], f"{r['shards_per_s']:.0f}", f"{r['vs_first']:.2f}x", f"{r['cpu_per_shard_ms']:.1f}",
+          f"{r['redis_cpu_per_shard_ms']:.2f}", f"{r['wall_per_shard_ms']:.1f}", f"{r['process_shard_ms']:.1f}",
+          f"{r['seconds']:.1f}") for r in results],
     ))
