@@ -244,7 +244,7 @@ def streamed_hf_generate(loaded: Any, batch_size: int, streamer: FirstTokenStrea
         def generation_kwargs(self, params: SamplingParams) -> dict:
             return {**super().generation_kwargs(params), "streamer": streamer}
 
-    return StreamedHFGenerate(loaded, batch_size)
+    return StreamedHFGenerate(loaded, batch_size, seed_per_request=False)  # the baseline: plain batched generate
 
 
 def run_hf_generate(loaded: Any, batch_size: int, workload: Workload) -> Measured:

@@ -29,9 +29,12 @@ from .stop import truncate_at_stop
 class HFGenerate:
     name = "hf-generate"
 
-    def __init__(self, loaded: LoadedModel, batch_size: int = 16):
+    def __init__(self, loaded: LoadedModel, batch_size: int = 16, *, seed_per_request: bool = True):
+        """`seed_per_request` runs sampled requests one at a time, each from its own seed, so a row's text does
+        not depend on the rows beside it; the benchmark turns it off to measure plain batched `generate`."""
         self.loaded = loaded
         self.batch_size = batch_size
+        self.seed_per_request = seed_per_request
 
     def generate(
         self,
@@ -42,10 +45,14 @@ class HFGenerate:
         should_stop: Callable[[], bool] | None = None,
     ) -> list[GenerationOutput]:
         outputs: list[GenerationOutput] = []
-        for start in range(0, len(requests), self.batch_size):
+        # One torch seed drives a whole generate call: sampled requests go alone, each drawing from its own seed,
+        # so a row's text does not depend on the rows beside it. Greedy and beam search keep the batch.
+        alone = self.seed_per_request and not params.greedy and params.num_beams == 1
+        step = 1 if alone else self.batch_size
+        for start in range(0, len(requests), step):
             if should_stop is not None and should_stop():
                 raise GenerationCancelled(f"stopped with {len(requests) - start} requests unfinished")
-            batch = requests[start : start + self.batch_size]
+            batch = requests[start : start + step]
             for offset, output in enumerate(self._generate_batch(batch, params)):
                 outputs.append(output)
                 if on_output:

@@ -153,6 +153,8 @@ class Engine:
         self.cache: SlotCache | None = None
         self.seen: torch.Tensor | None = None  # [slots, V] bool, tokens each slot has seen (repetition penalty)
         self.last_path = PATH_ENGINE if use_kv_cache else PATH_ENGINE_RECOMPUTE
+        if loaded.info.get("checkpoint_quantization") == "compressed-tensors":
+            self._materialize_weights()
         self.packing = pack_linears(self.model) if pack_weights and not compile else None
         """What packing replaced (None when off: torch.compile cannot trace packed weights)."""
         self._parts = DecoderParts.of(self.model) if unsupported_reason(self.model) is None else None
@@ -432,7 +434,11 @@ class Engine:
         mask = (torch.arange(used, device=self.device) <= positions[:, None])[:, None, None, :]
         config = self.model.config
         default_attention = config._attn_implementation
-        config._attn_implementation = register_slot_attention()
+        if getattr(type(self.model), "_supports_attention_backend", False):
+            config._attn_implementation = register_slot_attention()
+        else:  # attention written inline (Falcon) adds the mask to its scores: give it 0 where attended, -inf beyond
+            dtype = self.model.get_output_embeddings().weight.dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=self.device).masked_fill(~mask, torch.finfo(dtype).min)
         try:
             out = self.model(
                 input_ids=input_ids[:, None],
@@ -465,6 +471,11 @@ class Engine:
         return torch.cat(logits)
 
     # ----------------------------------------------------------------- setup
+
+    @torch.no_grad()
+    def _materialize_weights(self) -> None:
+        """compressed-tensors checkpoints build their dense weights on the first forward; packing needs them."""
+        self.model(input_ids=torch.tensor([[self.tokenizer.eos_token_id or 0]], device=self.device))
 
     @torch.inference_mode()
     def _probe_cache_layout(self) -> CacheLayout | None:
