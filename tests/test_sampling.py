@@ -139,10 +139,19 @@ def test_candidate_fast_path_matches_full_vocabulary_filters(monkeypatch, params
 
 
 def test_spill_rows_mixed_with_fitting_rows(monkeypatch):
-    monkeypatch.setattr(sampling, "CANDIDATES", 4)
+    """A batch where one row's nucleus fits the candidates and another's needs the full sort draws, row by row,
+    exactly the token the full-vocabulary path draws for that row alone with the same seed."""
     peaked = torch.tensor([10.0, 9.0] + [0.0] * 98)
-    flat = torch.zeros(100)
+    flat = torch.linspace(0.0, 1.0, 100)  # the 0.9 nucleus holds most of the vocabulary: it spills
     logits = torch.stack([peaked, flat])
-    tokens = next_tokens(logits, SamplingParams(temperature=1.0, top_p=0.9), [row_generator(1), row_generator(2)])
-    assert tokens[0].item() in (0, 1)
-    assert 0 <= tokens[1].item() < 100
+    params = SamplingParams(temperature=1.0, top_p=0.9)
+    drawn = set()
+    for seed in range(40):
+        monkeypatch.setattr(sampling, "CANDIDATES", 100)  # every row fits: the plain full-sort path
+        alone = [next_tokens(logits[i : i + 1], params, [row_generator(seed + i)]).item() for i in range(2)]
+        monkeypatch.setattr(sampling, "CANDIDATES", 4)
+        mixed = next_tokens(logits, params, [row_generator(seed), row_generator(seed + 1)]).tolist()
+        assert mixed == alone
+        assert mixed[0] in (0, 1)
+        drawn.add(mixed[1])
+    assert len(drawn) > 10  # the spilled row really draws across its wide nucleus
