@@ -211,7 +211,9 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
 
 class WorkerProcess:
     def __init__(self, model: str, broker: str, log_path: Path, *extra: str):
-        self.args = [*SHARDGEN, "worker", "--model", model, "--device", "cpu", "--broker", broker, "--batch-size", "8", *extra]
+        # A short grace: a worker stopped at teardown gives its shard back instead of finishing it.
+        self.args = [*SHARDGEN, "worker", "--model", model, "--device", "cpu", "--broker", broker, "--batch-size", "8",
+                     "--grace-seconds", "1", *extra]
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
 
