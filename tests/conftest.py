@@ -190,6 +190,24 @@ def run_status_now(run_id: str, broker: str) -> dict:
     return run_status(record, time.time(), queue_depth=store.queue_depth(record.queue), workers=store.workers())
 
 
+class EngineWrapper:
+    """A generator that hands everything to a real engine; tests subclass it to change one behaviour."""
+
+    def __init__(self, engine):
+        self.engine, self.name = engine, engine.name
+
+    @property
+    def batch_size(self):
+        return self.engine.batch_size
+
+    @batch_size.setter
+    def batch_size(self, value):
+        self.engine.batch_size = value
+
+    def generate(self, requests, params, *, on_output=None, should_stop=None):
+        return self.engine.generate(requests, params, on_output=on_output, should_stop=should_stop)
+
+
 def chat_ids(tokenizer, question: str) -> list[int]:
     text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -13,6 +13,7 @@ from shardgen.schemas.shard import InputRow, Shard
 from shardgen.workers.generators import make_generator
 from shardgen.workers.shard_processing import process_shard
 from shardgen.workers.storage import publish_result, write_run_file
+from tests.conftest import EngineWrapper
 
 
 @pytest.fixture()
@@ -130,21 +131,12 @@ def test_n_samples_are_stored_as_lists(tmp_path, spec, tiny_loaded):
     assert len(row["generation"]) == 3 and len(row["finish_reason"]) == 3 and row["generated_tokens"] == 12
 
 
-class RunsOutOfMemoryAboveTwo:
+class RunsOutOfMemoryAboveTwo(EngineWrapper):
     """The real engine, but a batch larger than two 'runs out of memory' after finishing one row."""
 
     def __init__(self, engine):
-        self.engine = engine
-        self.name = engine.name
+        super().__init__(engine)
         self.calls = []
-
-    @property
-    def batch_size(self):
-        return self.engine.batch_size
-
-    @batch_size.setter
-    def batch_size(self, value):
-        self.engine.batch_size = value
 
     def generate(self, requests, params, *, on_output=None, should_stop=None):
         from shardgen.workers.generation import EngineOOM

@@ -20,23 +20,17 @@ from shardgen.workers.lifecycle import RunStore
 from shardgen.workers.queue.handler import Shutdown, WorkerContext, handle_message, watchdog_tick
 from shardgen.workers.queue.heartbeat import Heartbeat
 from shardgen.workers.storage import stage_input, write_run_file
+from tests.conftest import EngineWrapper
 from tests.test_lifecycle import Clock, CountingWakeups
 
 
-class Blocking:
+class Blocking(EngineWrapper):
     """The real engine, but each call first runs `on_start` (what happens while the shard runs), then waits (on
     a condition, with a deadline) until should_stop is true, as a long shard would."""
 
     def __init__(self, engine, on_start):
-        self.engine, self.name, self.on_start = engine, engine.name, on_start
-
-    @property
-    def batch_size(self):
-        return self.engine.batch_size
-
-    @batch_size.setter
-    def batch_size(self, value):
-        self.engine.batch_size = value
+        super().__init__(engine)
+        self.on_start = on_start
 
     def generate(self, requests, params, *, on_output=None, should_stop=None):
         self.on_start()
