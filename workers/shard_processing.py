@@ -85,14 +85,7 @@ def process_shard(
             outputs[position] = GenerationOutput.failed(f"cannot build the prompt: {exc}")
             continue
         prompts[position] = prompt
-        if len(prompt.ids) >= loaded.context_length:
-            outputs[position] = GenerationOutput.failed(
-                f"prompt has {len(prompt.ids)} tokens but the model's context is {loaded.context_length}: "
-                "shorten it or pass --max-prompt-tokens",
-                prompt_tokens=len(prompt.ids),
-            )
-            continue
-        pending.append(position)
+        pending.append(position)  # a prompt too long for the context fails in the generator (prompt_too_long)
     for position, output in enumerate(outputs):
         if output is not None and on_row:
             on_row(output)
