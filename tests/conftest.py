@@ -204,6 +204,10 @@ class EngineWrapper:
     def batch_size(self, value):
         self.engine.batch_size = value
 
+    @property
+    def auto_batch(self):
+        return self.engine.auto_batch
+
     def generate(self, requests, params, *, on_output=None, should_stop=None):
         return self.engine.generate(requests, params, on_output=on_output, should_stop=should_stop)
 

@@ -206,3 +206,26 @@ def test_logprobs_are_recorded_per_generated_token(tmp_path, spec, tiny_loaded):
         assert len(token["top_token_ids"]) == 3 and token["logprob"] <= 0
         assert token["token_id"] == token["top_token_ids"][0]  # greedy picks the most likely token
         assert math.isclose(token["logprob"], token["top_logprobs"][0], rel_tol=1e-6)
+
+
+class RunsOutOfMemoryOnceWhenAuto(EngineWrapper):
+    """The real engine sized from memory, whose first call 'runs out of memory' after its first row."""
+
+    def generate(self, requests, params, *, on_output=None, should_stop=None):
+        from shardgen.workers.generation import EngineOOM
+
+        outputs = self.engine.generate(requests, params)
+        if self.auto_batch:
+            on_output(0, outputs[0])
+            raise EngineOOM(f"out of memory at batch size {self.batch_size}")
+        return super().generate(requests, params, on_output=on_output)
+
+
+def test_out_of_memory_under_auto_batch_returns_to_auto_for_the_next_shard(tmp_path, spec, tiny_loaded):
+    from shardgen.workers.engine import Engine
+
+    generator = RunsOutOfMemoryOnceWhenAuto(Engine(tiny_loaded, batch_size="auto", max_memory="64GiB"))
+    outcome = process_shard(Shard(spec.run_id, 0, rows("a", "b", "c", "d")), spec, tiny_loaded, generator,
+                            str(tmp_path / "a.parquet"))
+    assert outcome.batch_halvings == 1 and outcome.rows == 4 and outcome.rows_failed == 0
+    assert generator.engine.auto_batch  # not fixed at what the halving left

@@ -138,7 +138,8 @@ def generate_halving_on_oom(
     """
     outputs: dict[int, GenerationOutput] = {}
     halvings = 0
-    configured = generator.batch_size
+    # A batch sized from memory ("auto") returns to auto, not to the size its last call happened to choose.
+    configured = "auto" if getattr(generator, "auto_batch", False) else generator.batch_size
 
     def keep(index: int, output: GenerationOutput) -> None:
         if index in outputs:  # a batch that failed part-way is redone row by row; count each row once
