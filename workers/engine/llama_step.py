@@ -4,9 +4,9 @@ Through the model's forward, a batched decode step pays for mask building, cache
 kernel for a handful of query rows and module plumbing around every layer, and prompts of different lengths
 must be padded to share a forward. This step calls the same layer modules (plain, packed or quantized linears
 alike) on a packed sequence of tokens and does the rest itself: new keys and values are written straight into
-the slot cache, decode attention is two batched matmuls in which the query heads sharing a key head are rows of
-one matrix, and each prompt chunk attends causally over its own slot. Other architectures keep the generic path
-through the model.
+the slot cache, decode attention is one fused call per group of slots in which the query heads sharing a key
+head are rows of one matrix, and each prompt chunk attends causally over its own slot. Other architectures keep
+the generic path through the model.
 """
 
 from __future__ import annotations
@@ -80,21 +80,19 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def grouped_attention(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask_bias: torch.Tensor, scaling: float
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """Attention of one new token per slot over that slot's cached keys."""
-    # query: [A, Hkv, G, D]; keys, values: [A, Hkv, T, D]; mask_bias: [A, 1, 1, T] (0 or -inf) -> [A, Hkv, G, D]
-    scores = torch.matmul(query, keys.transpose(-1, -2)) * scaling + mask_bias  # [A, Hkv, G, T]
-    probs = scores.softmax(dim=-1, dtype=torch.float32).to(values.dtype)
-    return torch.matmul(probs, values)
+    """Attention of one new token per slot over that slot's cached keys, the query heads that share a key head
+    being rows of one matrix. SDPA's fused kernel rather than two batched matmuls: on a CPU shared with other
+    processes, bmm over many small matrices with two threads ran ten times slower than with one."""
+    # query: [A, Hkv, G, D]; keys, values: [A, Hkv, T, D]; mask: [A, 1, 1, T] bool (True = attend) -> [A, Hkv, G, D]
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling)
 
 
-def mask_bias(positions: torch.Tensor, used: int, dtype: torch.dtype) -> torch.Tensor:
-    """0 where a slot may attend (its own positions so far), -inf beyond."""
+def decode_mask(positions: torch.Tensor, used: int) -> torch.Tensor:
+    """True where a slot may attend: its own positions so far."""
     # positions: [A] -> [A, 1, 1, used]
-    beyond = torch.arange(used, device=positions.device) > positions[:, None]  # [A, used]
-    bias = torch.zeros(beyond.shape, dtype=dtype, device=positions.device)
-    return bias.masked_fill_(beyond, float("-inf"))[:, None, None, :]
+    return (torch.arange(used, device=positions.device) <= positions[:, None])[:, None, None, :]
 
 
 def feed_forward(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -119,30 +117,42 @@ def chunk_mask(start: int, length: int, device: torch.device) -> torch.Tensor:
     return keys[None, :] <= torch.arange(start, start + length, device=device)[:, None]
 
 
+def step_masks(batch: StepBatch) -> list[torch.Tensor | None]:
+    """The attention mask of each decode group, then of each chunk (None: plainly causal), built once a step."""
+    masks: list[torch.Tensor | None] = []
+    for group in batch.groups:
+        masks.append(decode_mask(batch.positions[group.query_start : group.query_start + group.stop - group.start], group.used))
+    for chunk in batch.chunks:
+        masks.append(None if chunk.start == 0 else chunk_mask(chunk.start, chunk.length, batch.positions.device))
+    return masks
+
+
 def attend(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: StepBatch, scaling: float
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    batch: StepBatch,
+    masks: list[torch.Tensor | None],
+    scaling: float,
 ) -> torch.Tensor:
     """Attention of every token of a step over its own slot's cached keys (its new key already written)."""
-    # query: [N, H, D]; keys, values: [slots, Hkv, capacity, D] -> [N, H * D]
+    # query: [N, H, D]; keys, values: [slots, Hkv, capacity, D]; masks: step_masks(batch) -> [N, H * D]
     tokens, heads, head_dim = query.shape
     kv_heads = keys.shape[1]
     outputs = []
-    if batch.groups:
-        grouped = query[: batch.decode_tokens].view(batch.decode_tokens, kv_heads, heads // kv_heads, head_dim)
-        for group in batch.groups:
-            count = group.stop - group.start
-            bias = mask_bias(batch.positions[group.query_start : group.query_start + count], group.used, query.dtype)
-            attended = grouped_attention(
-                grouped[group.query_start : group.query_start + count],
-                keys[group.start : group.stop, :, : group.used],
-                values[group.start : group.stop, :, : group.used],
-                bias,
-                scaling,
-            )  # [count, Hkv, G, D]
-            outputs.append(attended.reshape(count, heads * head_dim))
-    for chunk in batch.chunks:
+    grouped = query[: batch.decode_tokens].view(batch.decode_tokens, kv_heads, heads // kv_heads, head_dim)
+    for group, mask in zip(batch.groups, masks):
+        count = group.stop - group.start
+        attended = grouped_attention(
+            grouped[group.query_start : group.query_start + count],
+            keys[group.start : group.stop, :, : group.used],
+            values[group.start : group.stop, :, : group.used],
+            mask,
+            scaling,
+        )  # [count, Hkv, G, D]
+        outputs.append(attended.reshape(count, heads * head_dim))
+    for chunk, mask in zip(batch.chunks, masks[len(batch.groups) :]):
         seen = chunk.start + chunk.length
-        mask = None if chunk.start == 0 else chunk_mask(chunk.start, chunk.length, query.device)
         attended = F.scaled_dot_product_attention(
             query[chunk.offset : chunk.offset + chunk.length].transpose(0, 1)[None],  # [1, H, L, D]
             keys[chunk.row : chunk.row + 1, :, :seen],
@@ -173,6 +183,7 @@ def forward_step(
     hidden = parts.embed(batch.input_ids)  # [N, hidden]
     cos, sin = parts.rotary(hidden, batch.positions[None])  # [1, N, D]
     cos, sin = cos[0, :, None], sin[0, :, None]  # [N, 1, D]
+    masks = step_masks(batch)
     for layer_index, layer in enumerate(parts.layers):
         attention = layer.self_attn
         normed = layer.input_layernorm(hidden)
@@ -182,7 +193,7 @@ def forward_step(
         layer_keys, layer_values = keys[layer_index], values[layer_index]
         layer_keys.view(flat).index_copy_(0, index, key.reshape(-1, head_dim).to(layer_keys.dtype))
         layer_values.view(flat).index_copy_(0, index, value.reshape(-1, head_dim).to(layer_values.dtype))
-        attended = attend(query, layer_keys, layer_values, batch, parts.scaling)  # [N, H * D]
+        attended = attend(query, layer_keys, layer_values, batch, masks, parts.scaling)  # [N, H * D]
         hidden = hidden + attention.o_proj(attended.to(hidden.dtype))
         hidden = feed_forward(layer, hidden)
     return parts.lm_head(parts.norm(hidden[batch.logit_index]))  # [K, V]
