@@ -20,13 +20,14 @@ import random
 import statistics
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
 import click
 
 from shardgen.schemas.sampling import SamplingParams
 from shardgen.workers.engine.memory import peak_rss_bytes, process_rss_bytes, reset_peak_rss
+from shardgen.workers.generators import HF_BATCH_WITH_AUTO
 
 GENERATORS = ("engine", "hf-generate", "hf-continuous", "engine-no-kv")
 WORKLOADS = ("ragged", "equal")
@@ -82,6 +83,8 @@ class Result:
     peak_device_mb: float | None = None
     """On a GPU: peak memory allocated on it during the run."""
     kv_cache_mb: float | None = None
+    memory_vs_model_and_cache: float | None = None
+    """Engine: (peak RSS - runtime without the weights) / (model footprint + KV cache); see MemoryReport."""
     ratio_vs_hf: float | None = None
     path: str | None = None
     note: str | None = None
@@ -110,8 +113,9 @@ class MemoryReport:
     """After `Engine(...)`: weights packed, before any KV cache."""
     model_footprint_mb: float | None = None
     """transformers' get_memory_footprint() of the loaded model."""
-    engine_runs: dict[str, float] = field(default_factory=dict)
-    """Per workload: (peak RSS - RSS before load) / (model footprint + KV cache)."""
+    runtime_mb: float | None = None
+    """The process without the model's weights (interpreter, torch, transformers, tokenizer): loaded - footprint."""
+
 
 
 PASSAGE_SHARE = 0.25
@@ -368,13 +372,14 @@ def print_table(results: list[Result], memory: MemoryReport, header: str) -> Non
         console.print(
             f"engine memory (process RSS, MB): {memory.rss_before_load_mb:.0f} before loading the model, "
             f"{memory.rss_loaded_mb:.0f} loaded (after one forward), {memory.rss_engine_mb:.0f} with the engine built; "
-            f"model footprint {memory.model_footprint_mb:.0f}"
+            f"model footprint {memory.model_footprint_mb:.0f}, so the runtime without the weights is "
+            f"{memory.runtime_mb:.0f}"
         )
         for r in results:
-            if r.generator == "engine" and r.workload in memory.engine_runs:
+            if r.memory_vs_model_and_cache is not None:
                 console.print(
-                    f"  {r.workload}: peak {r.peak_rss_mb:.0f} with a {r.kv_cache_mb:.0f} MB KV cache: "
-                    f"(peak - before loading) / (footprint + KV cache) = {memory.engine_runs[r.workload]:.2f}"
+                    f"  {r.workload}, batch {r.batch_size}: peak {r.peak_rss_mb:.0f} with a {r.kv_cache_mb:.0f} MB KV "
+                    f"cache; (peak - runtime) / (footprint + KV cache) = {r.memory_vs_model_and_cache:.2f}"
                 )
 
 
@@ -382,20 +387,22 @@ def _fmt(value: float | None, pattern: str) -> str:
     return "-" if value is None else pattern.format(value)
 
 
-def parse_batch_size(value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise click.BadParameter(f"must be a positive integer or auto, got {value!r}", param_hint="--batch-size")
-    return number
-
-
-HF_BATCH_WITH_AUTO = 16
-"""transformers' generate has no memory-sized batch: with --batch-size auto it runs at this one."""
+def parse_batch_sizes(value: str) -> list[int | str]:
+    """`16`, `auto` or several, comma-separated: the engine runs at each."""
+    sizes: list[int | str] = []
+    for part in value.split(","):
+        part = part.strip()
+        if part == "auto":
+            sizes.append(part)
+            continue
+        try:
+            number = int(part)
+        except ValueError:
+            number = 0
+        if number < 1:
+            raise click.BadParameter(f"must be positive integers or auto, got {value!r}", param_hint="--batch-size")
+        sizes.append(number)
+    return sizes
 
 
 @click.command("bench")
@@ -405,7 +412,8 @@ HF_BATCH_WITH_AUTO = 16
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--batch-size", default="16", show_default=True,
               help="Batch size for every generator (engine slots, HF generate batch), or auto: the engine fits its "
-              f"KV cache to --max-memory and HF generate runs at {HF_BATCH_WITH_AUTO}.")
+              f"KV cache to --max-memory and HF generate runs at {HF_BATCH_WITH_AUTO}. Several, comma-separated "
+              "(16,auto), run the engine at each and HF generate at the first number.")
 @click.option("--max-memory", default=None, help="Memory budget of the engine under --batch-size auto (e.g. 8GiB); "
               "default: what the process holds plus what the machine has free.")
 @click.option("--step-tokens", type=click.IntRange(min=1), default=None,
@@ -439,8 +447,8 @@ def bench(model, quantize, device, batch_size, max_memory, step_tokens, prompt_c
         raise click.BadParameter(f"unknown generator(s) {', '.join(sorted(unknown))}", param_hint="--generators")
     if no_kv_cache and "engine-no-kv" not in chosen:
         chosen.append("engine-no-kv")
-    batch = parse_batch_size(batch_size)
-    hf_batch = HF_BATCH_WITH_AUTO if batch == "auto" else batch
+    batches = parse_batch_sizes(batch_size)
+    hf_batch = next((b for b in batches if isinstance(b, int)), HF_BATCH_WITH_AUTO)
     spec = ModelSpec(model=model, quantize=quantize)
     memory = MemoryReport()
     results: list[Result] = []
@@ -463,15 +471,24 @@ def bench(model, quantize, device, batch_size, max_memory, step_tokens, prompt_c
         memory.rss_loaded_mb = process_rss_bytes() / 2**20
         used_device = loaded.device
         memory.model_footprint_mb = loaded.footprint_bytes / 2**20
+        memory.runtime_mb = memory.rss_loaded_mb - memory.model_footprint_mb
         options = {} if step_tokens is None else {"step_tokens": step_tokens}
-        engine = Engine(loaded, batch_size=batch, max_memory=max_memory, compile=compile_, **options)
+        engine = Engine(loaded, batch_size=batches[0], max_memory=max_memory, compile=compile_, **options)
         gc.collect()
         memory.rss_engine_mb = process_rss_bytes() / 2**20
-        run_all("engine", lambda w: run_engine(engine, w), loaded.device)
-        for r in results:
-            if r.peak_rss_mb is not None and r.kv_cache_mb is not None:
-                model_and_cache = memory.model_footprint_mb + r.kv_cache_mb
-                memory.engine_runs[r.workload] = (r.peak_rss_mb - memory.rss_before_load_mb) / model_and_cache
+        for size in batches:
+            engine.batch_size = size
+            first = len(results)
+
+            def run_engine_fresh(w: Workload) -> Measured:
+                engine.free_cache()  # each run's memory includes the KV cache it sized itself
+                return run_engine(engine, w)
+
+            run_all("engine", run_engine_fresh, loaded.device)
+            for r in results[first:]:
+                if r.peak_rss_mb is not None and r.kv_cache_mb is not None:
+                    model_and_cache = memory.model_footprint_mb + r.kv_cache_mb
+                    r.memory_vs_model_and_cache = (r.peak_rss_mb - memory.runtime_mb) / model_and_cache
         del engine, loaded  # transformers' generators get a plain copy: the engine packed this one in place
         gc.collect()
     others = [name for name in chosen if name != "engine"]
@@ -493,14 +510,14 @@ def bench(model, quantize, device, batch_size, max_memory, step_tokens, prompt_c
         used_device = plain.device
     add_ratios(results)
     order = {name: i for i, name in enumerate(GENERATORS)}
-    results.sort(key=lambda r: (WORKLOADS.index(r.workload), order[r.generator]))
-    config = dict(model=model, quantize=quantize, device=used_device, batch_size=batch, hf_batch_size=hf_batch,
+    results.sort(key=lambda r: (WORKLOADS.index(r.workload), order[r.generator]))  # stable: engine batches in order
+    config = dict(model=model, quantize=quantize, device=used_device, batch_size=batch_size, hf_batch_size=hf_batch,
                   max_memory=max_memory, step_tokens=step_tokens, prompts=prompt_count,
                   max_new_tokens=max_new_tokens, seed=seed, compile=compile_)
     if as_json:
         click.echo(json.dumps({"config": config, "memory": asdict(memory), "results": [asdict(r) for r in results]},
                               indent=2))
     else:
-        header = f"shardgen bench: {model} on {used_device}, batch {batch} (HF generate {hf_batch}), {prompt_count} " \
+        header = f"shardgen bench: {model} on {used_device}, batch {batch_size} (HF generate {hf_batch}), {prompt_count} " \
                  f"prompts, up to {max_new_tokens} new tokens"
         print_table(results, memory, header)

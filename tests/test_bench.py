@@ -11,7 +11,7 @@ def test_bench_json_structure_and_ratios_against_hf(tiny_model_dir):
     result = CliRunner().invoke(bench, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["config"]["batch_size"] == 2
+    assert report["config"]["batch_size"] == "2" and report["config"]["hf_batch_size"] == 2
     rows = {(r["workload"], r["generator"]): r for r in report["results"]}
     assert set(rows) == {(w, g) for w in ("ragged", "equal") for g in ("engine", "hf-generate", "engine-no-kv")}
     for (workload, _), row in rows.items():
@@ -24,9 +24,10 @@ def test_bench_json_structure_and_ratios_against_hf(tiny_model_dir):
     assert rows[("ragged", "engine-no-kv")]["padding_waste"] > rows[("ragged", "engine")]["padding_waste"]
     engine = rows[("equal", "engine")]
     assert 0 < engine["batch_occupancy"] <= 1 and engine["kv_cache_mb"] > 0
+    assert engine["memory_vs_model_and_cache"] > 0
     memory = report["memory"]
     assert memory["rss_before_load_mb"] < memory["rss_loaded_mb"] <= memory["rss_engine_mb"] + 50
-    assert memory["model_footprint_mb"] > 0 and set(memory["engine_runs"]) == {"ragged", "equal"}
+    assert memory["runtime_mb"] == memory["rss_loaded_mb"] - memory["model_footprint_mb"] > 0
 
 
 def test_bench_batch_size_auto_sizes_the_engine_and_runs_hf_generate_at_16(tiny_model_dir):
@@ -37,6 +38,21 @@ def test_bench_batch_size_auto_sizes_the_engine_and_runs_hf_generate_at_16(tiny_
     rows = {r["generator"]: r for r in json.loads(result.stdout)["results"]}
     assert rows["engine"]["batch_size"] == 5  # room for many more slots; five prompts fill five
     assert rows["hf-generate"]["batch_size"] == 16
+
+
+def test_bench_runs_the_engine_at_each_batch_size_given(tiny_model_dir):
+    args = ["--model", str(tiny_model_dir), "--device", "cpu", "--prompts", "5", "--batch-size", "2,auto",
+            "--workload", "ragged", "--max-new-tokens", "2", "--generators", "engine", "--json"]
+    result = CliRunner().invoke(bench, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["results"]
+    assert [(r["generator"], r["batch_size"]) for r in rows] == [("engine", 2), ("engine", 5)]
+    assert rows[0]["kv_cache_mb"] < rows[1]["kv_cache_mb"]  # each run sized its own cache
+
+
+def test_bench_refuses_a_bad_batch_size(tiny_model_dir):
+    result = CliRunner().invoke(bench, ["--model", str(tiny_model_dir), "--batch-size", "16,lots"])
+    assert result.exit_code != 0 and "positive integers or auto" in result.output
 
 
 def test_bench_refuses_unknown_generator(tiny_model_dir):

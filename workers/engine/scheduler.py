@@ -180,6 +180,11 @@ class Engine:
     def auto_batch(self) -> bool:
         return self._batch_size == AUTO
 
+    def free_cache(self) -> None:
+        """Give back the KV cache between calls (the next call allocates what it needs)."""
+        self.cache = None
+        self.seen = None
+
     def generate(
         self,
         requests: Sequence[GenerationRequest],
