@@ -155,3 +155,34 @@ def test_spill_rows_mixed_with_fitting_rows(monkeypatch):
         assert mixed[0] in (0, 1)
         drawn.add(mixed[1])
     assert len(drawn) > 10  # the spilled row really draws across its wide nucleus
+
+
+def test_token_logprobs_are_the_log_softmax_of_the_raw_logits():
+    from shardgen.workers.engine.sampling import token_logprobs
+
+    logits = torch.tensor([[2.0, 0.0, 1.0, -1.0], [0.0, 1.0, 5.0, -2.0]])
+    chosen, top_values, top_ids = token_logprobs(logits, torch.tensor([2, 0]), top=2)
+    expected = logits.log_softmax(dim=-1)
+    assert chosen.tolist() == pytest.approx([expected[0, 2].item(), expected[1, 0].item()])
+    assert top_ids.tolist() == [[0, 2], [2, 1]]
+    assert top_values[:, 0].tolist() == pytest.approx([expected[0, 0].item(), expected[1, 2].item()])
+    none_chosen, none_values, none_ids = token_logprobs(logits, torch.tensor([1, 1]), top=0)
+    assert none_values.shape == none_ids.shape == (2, 0)
+
+
+@pytest.mark.parametrize("value, message", [(21, "logprobs must be <= 20"), (-1, "logprobs must be >= 0"),
+                                            ("five", "logprobs must be an integer")])
+def test_logprobs_parameter_is_validated(value, message):
+    from shardgen.schemas.errors import InvalidParameter
+
+    with pytest.raises(InvalidParameter, match=message):
+        SamplingParams(logprobs=value)
+
+
+def test_logprobs_are_refused_with_beam_search_and_survive_json():
+    from shardgen.schemas.errors import InvalidParameter
+
+    with pytest.raises(InvalidParameter, match="beam search"):
+        SamplingParams(logprobs=2, num_beams=2)
+    assert SamplingParams.from_json(SamplingParams(logprobs=5).to_json()).logprobs == 5
+    assert SamplingParams().logprobs is None

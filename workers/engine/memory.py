@@ -69,13 +69,9 @@ def fit_batch_size(budget_bytes: int, in_use_bytes: int, per_slot_bytes: int, re
 
 def process_rss_bytes() -> int:
     """Resident memory of this process now, as `ps` and the OOM killer see it."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    rss = _proc_field_bytes("/proc/self/status", "VmRSS")
+    if rss is not None:
+        return rss
     try:
         import psutil
 
@@ -101,7 +97,7 @@ def default_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free) + int(torch.cuda.memory_reserved(device))
-    available = _meminfo_bytes("MemAvailable")
+    available = _proc_field_bytes("/proc/meminfo", "MemAvailable")
     if available is None:
         try:
             import psutil
@@ -114,10 +110,11 @@ def default_budget(device: torch.device) -> int:
     return process_rss_bytes() + available
 
 
-def _meminfo_bytes(field: str) -> int | None:
+def _proc_field_bytes(path: str, field: str) -> int | None:
+    """A `Field:  N kB` line of a /proc file, in bytes (None without /proc)."""
     try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
+        with open(path, encoding="ascii") as lines:
+            for line in lines:
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
@@ -137,11 +134,4 @@ def reset_peak_rss() -> bool:
 
 def peak_rss_bytes() -> int | None:
     """The kernel's record of this process's peak RSS since it started or since reset_peak_rss (Linux)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return _proc_field_bytes("/proc/self/status", "VmHWM")
