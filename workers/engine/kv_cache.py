@@ -12,13 +12,16 @@ from .memory import CacheLayout
 class SlotCache:
     """Per-layer keys and values, [slots, kv_heads, capacity, head_dim]; one row per sample being generated.
 
-    Zero-filled: positions past a slot's length are masked out of attention, but they still go through its
-    matmuls, where a NaN left in freshly allocated memory would spread."""
+    Keys and values of all layers are one allocation each, seen per layer through views: on the CPU, glibc serves
+    an allocation that large straight from the system and gives it back when freed, where per-layer tensors of a
+    few MB would come from its heap and keep the process's memory up after the cache is gone. Zero-filled:
+    positions past a slot's length are masked out of attention, but they still go through its matmuls, where a
+    NaN left in freshly allocated memory would spread."""
 
     def __init__(self, layout: CacheLayout, slots: int, capacity: int, device: torch.device | str):
-        shape = (slots, layout.kv_heads, capacity, layout.head_dim)
-        self.keys = [torch.zeros(shape, dtype=layout.dtype, device=device) for _ in range(layout.layers)]
-        self.values = [torch.zeros(shape, dtype=layout.dtype, device=device) for _ in range(layout.layers)]
+        shape = (layout.layers, slots, layout.kv_heads, capacity, layout.head_dim)
+        self.keys = list(torch.zeros(shape, dtype=layout.dtype, device=device).unbind(0))
+        self.values = list(torch.zeros(shape, dtype=layout.dtype, device=device).unbind(0))
         self.slots = slots
         self.capacity = capacity
         self.nbytes = layout.cache_bytes(slots, capacity)
