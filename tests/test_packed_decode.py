@@ -211,3 +211,18 @@ def test_split_prefill_serves_prompts_in_admission_order_within_the_budget():
     assert split_prefill([30, 100, 20], 64) == [30, 34, 0]
     assert split_prefill([10, 5], 64) == [10, 5]
     assert split_prefill([500], 64) == [64]
+
+
+def test_a_freed_kv_cache_gives_its_memory_back():
+    """A worker reallocates its cache as calls need longer sequences; freed caches must not pile up in the heap."""
+    from shardgen.workers.engine.memory import CacheLayout, process_rss_bytes
+
+    layout = CacheLayout(layers=30, kv_heads=3, head_dim=64, dtype=torch.float32)  # the default model's
+    kept = []  # what a step leaves allocated after the cache, as the engine's steps do
+    start = process_rss_bytes()
+    for capacity in (300, 200, 250):  # about 200, 140 and 170 MB
+        cache = SlotCache(layout, 16, capacity, "cpu")
+        assert process_rss_bytes() - start > 0.9 * cache.nbytes
+        kept.append(torch.ones(64, 1024))
+        del cache
+    assert (process_rss_bytes() - start) / 2**20 < 20
