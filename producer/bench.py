@@ -14,6 +14,7 @@ resident), after the engine is built, and at the peak of each run, beside the mo
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import random
@@ -203,6 +204,16 @@ class PeakMemory:
             self._thread.join()
         kernel_peak = peak_rss_bytes() if self._kernel else None
         self.peak_bytes = max(kernel_peak or 0, self._sampled, process_rss_bytes())
+
+
+def release_freed_memory() -> None:
+    """Hand what the process has freed back to the system (glibc keeps freed heap memory otherwise), so that the
+    next generator's RSS does not include the last one's leftovers."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):  # not glibc
+        pass
 
 
 def run_engine(engine: Any, workload: Workload) -> Measured:
@@ -490,7 +501,7 @@ def bench(model, quantize, device, batch_size, max_memory, step_tokens, prompt_c
                     model_and_cache = memory.model_footprint_mb + r.kv_cache_mb
                     r.memory_vs_model_and_cache = (r.peak_rss_mb - memory.runtime_mb) / model_and_cache
         del engine, loaded  # transformers' generators get a plain copy: the engine packed this one in place
-        gc.collect()
+        release_freed_memory()
     others = [name for name in chosen if name != "engine"]
     if others:
         plain = load_model(spec, device)
