@@ -132,8 +132,7 @@ class HFGenerate:
         rows: list[list[TokenLogprobs]] = [[] for _ in range(tokens.shape[0])]
         for step, logits in enumerate(step_logits):
             chosen, values, ids = (t.tolist() for t in token_logprobs(logits, tokens[:, step], top))
-            for row, entries in enumerate(rows):
-                token = int(tokens[row, step])
+            for row, (entries, token) in enumerate(zip(rows, tokens[:, step].tolist())):
                 entries.append(TokenLogprobs(token, chosen[row], tuple(ids[row]), tuple(values[row])))
         return rows
 
