@@ -466,8 +466,10 @@ def bench(model, quantize, device, batch_size, max_memory, step_tokens, prompt_c
     workloads: list[Workload] = []
     used_device = device
 
-    def run_all(name: str, run: Callable[[Workload], Measured], device_name: str) -> None:
+    def run_all(name: str, run: Callable[[Workload], Measured], device_name: str,
+                before_each: Callable[[], None] = release_freed_memory) -> None:
         for w in workloads:
+            before_each()  # outside the measurement: its peak RSS starts from what this run inherits
             results.append(measure(name, w, device_name, lambda: run(w)))
             done = results[-1]
             click.echo(f"{w.name}/{name}: {done.note or f'{done.useful_tokens} tokens in {done.seconds:.1f}s'}", err=True)
@@ -491,11 +493,11 @@ def bench(model, quantize, device, batch_size, max_memory, step_tokens, prompt_c
             engine.batch_size = size
             first = len(results)
 
-            def run_engine_fresh(w: Workload) -> Measured:
-                engine.free_cache()  # each run's memory includes the KV cache it sized itself
-                return run_engine(engine, w)
+            def free_cache() -> None:  # each run's memory includes the KV cache it sized, not the last one's
+                engine.free_cache()
+                release_freed_memory()
 
-            run_all("engine", run_engine_fresh, loaded.device)
+            run_all("engine", lambda w: run_engine(engine, w), loaded.device, free_cache)
             for r in results[first:]:
                 if r.peak_rss_mb is not None and r.kv_cache_mb is not None:
                     model_and_cache = memory.model_footprint_mb + r.kv_cache_mb
