@@ -475,19 +475,20 @@ def bench(model, quantize, device, batch_size, max_memory, step_tokens, prompt_c
             click.echo(f"{w.name}/{name}: {done.note or f'{done.useful_tokens} tokens in {done.seconds:.1f}s'}", err=True)
 
     if "engine" in chosen:
-        gc.collect()
+        release_freed_memory()  # every reading below is of memory in use, not of what earlier work left in the heap
         memory.rss_before_load_mb = process_rss_bytes() / 2**20
         loaded = load_model(spec, device)
         workloads = build_workloads(loaded.tokenizer, WORKLOADS if workload == "both" else (workload,), prompt_count,
                                     max_new_tokens, seed)
         warm_up(loaded)
+        release_freed_memory()
         memory.rss_loaded_mb = process_rss_bytes() / 2**20
         used_device = loaded.device
         memory.model_footprint_mb = loaded.footprint_bytes / 2**20
         memory.runtime_mb = memory.rss_loaded_mb - memory.model_footprint_mb
         options = {} if step_tokens is None else {"step_tokens": step_tokens}
         engine = Engine(loaded, batch_size=batches[0], max_memory=max_memory, compile=compile_, **options)
-        gc.collect()
+        release_freed_memory()
         memory.rss_engine_mb = process_rss_bytes() / 2**20
         for size in batches:
             engine.batch_size = size

@@ -286,3 +286,13 @@ def start_worker(tmp_path: Path):
     yield start
     for worker in started:
         worker.stop()
+
+
+def run_in_fresh_process(source: str, timeout: float = 300) -> None:
+    """Run `source` (with its asserts) in a new interpreter: what a process's memory looks like must not depend on
+    which tests ran before in this one (their freed heap, their threads, their mapped files)."""
+    import textwrap
+
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(source)], capture_output=True, text=True,
+                            timeout=timeout, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]

@@ -1,5 +1,6 @@
 """The engine's fast path: packed linear layers, step planning, and its own forward step for llama-family models."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from shardgen.workers.engine.step_plan import (
     plan_step,
     split_prefill,
 )
+from tests.conftest import run_in_fresh_process
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -79,25 +81,30 @@ def test_pack_linears_leaves_a_half_precision_model_alone():
     assert type(model[0]) is torch.nn.Linear
 
 
-def _mapped_files() -> str:
-    return Path("/proc/self/maps").read_text()
-
-
-def test_packing_lets_go_of_the_memory_mapped_checkpoint(tiny_model_dir):
+def test_packing_lets_go_of_the_memory_mapped_checkpoint(tiny_model_dir, tmp_path):
     """The checkpoint's mapping would keep every replaced weight resident beside its packed copy."""
-    from shardgen.schemas.model import ModelSpec
-    from shardgen.workers.models.loader import load_model
-
     if not Path("/proc/self/maps").exists():
         pytest.skip("needs Linux's /proc to see the process's memory mappings")
-    loaded = load_model(ModelSpec(model=str(tiny_model_dir)), "cpu")
-    checkpoint = str(tiny_model_dir / "model.safetensors")
-    assert checkpoint in _mapped_files(), "the checkpoint is expected to load memory-mapped"
-    before = {name: p.detach().clone() for name, p in loaded.model.named_parameters() if "embed" in name or "norm" in name}
-    Engine(loaded)
-    assert checkpoint not in _mapped_files()
-    after = dict(loaded.model.named_parameters())
-    assert all(torch.equal(after[name], value) for name, value in before.items())  # copied, not changed
+    own_copy = shutil.copytree(tiny_model_dir, tmp_path / "model")  # no other test's model maps this file
+    run_in_fresh_process(f"""
+        from pathlib import Path
+        import torch
+        from shardgen.schemas.model import ModelSpec
+        from shardgen.workers.engine import Engine
+        from shardgen.workers.models.loader import load_model
+
+        def mapped():
+            return Path("/proc/self/maps").read_text()
+
+        loaded = load_model(ModelSpec(model={str(own_copy)!r}), "cpu")
+        checkpoint = {str(own_copy / "model.safetensors")!r}
+        assert checkpoint in mapped(), "the checkpoint is expected to load memory-mapped"
+        before = {{n: p.detach().clone() for n, p in loaded.model.named_parameters() if "embed" in n or "norm" in n}}
+        Engine(loaded)
+        assert checkpoint not in mapped(), "the engine kept the checkpoint mapped"
+        after = dict(loaded.model.named_parameters())
+        assert all(torch.equal(after[name], value) for name, value in before.items())  # copied, not changed
+    """)
 
 
 def _random_cache(loaded, slots=8, capacity=128) -> tuple[Engine, SlotCache]:
@@ -215,14 +222,19 @@ def test_split_prefill_serves_prompts_in_admission_order_within_the_budget():
 
 def test_a_freed_kv_cache_gives_its_memory_back():
     """A worker reallocates its cache as calls need longer sequences; freed caches must not pile up in the heap."""
-    from shardgen.workers.engine.memory import CacheLayout, process_rss_bytes
+    run_in_fresh_process("""
+        import torch
+        from shardgen.workers.engine.kv_cache import SlotCache
+        from shardgen.workers.engine.memory import CacheLayout, process_rss_bytes
 
-    layout = CacheLayout(layers=30, kv_heads=3, head_dim=64, dtype=torch.float32)  # the default model's
-    kept = []  # what a step leaves allocated after the cache, as the engine's steps do
-    start = process_rss_bytes()
-    for capacity in (300, 200, 250):  # about 200, 140 and 170 MB
-        cache = SlotCache(layout, 16, capacity, "cpu")
-        assert process_rss_bytes() - start > 0.9 * cache.nbytes
-        kept.append(torch.ones(64, 1024))
-        del cache
-    assert (process_rss_bytes() - start) / 2**20 < 20
+        layout = CacheLayout(layers=30, kv_heads=3, head_dim=64, dtype=torch.float32)  # the default model's
+        kept = []  # what a step leaves allocated after the cache, as the engine's steps do
+        start = process_rss_bytes()
+        for capacity in (300, 200, 250):  # about 200, 140 and 170 MB
+            cache = SlotCache(layout, 16, capacity, "cpu")
+            assert process_rss_bytes() - start > 0.9 * cache.nbytes
+            kept.append(torch.ones(64, 1024))
+            del cache
+        grown = (process_rss_bytes() - start) / 2**20
+        assert grown < 20, f"{grown:.0f} MB still held after every cache was freed"
+    """)
