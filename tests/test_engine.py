@@ -5,7 +5,7 @@ import torch
 
 from shardgen.schemas.errors import InvalidParameter
 from shardgen.schemas.sampling import SamplingParams
-from shardgen.workers.engine import PATH_BEAM_SEARCH, PATH_ENGINE, Engine, Finished, NewToken
+from shardgen.workers.engine import PATH_BEAM_SEARCH, PATH_ENGINE, Engine, NewToken
 from shardgen.workers.engine.hf_generate import HFGenerate
 from shardgen.workers.engine.memory import CacheLayout, fit_batch_size, parse_memory_size
 from shardgen.workers.generation import (
