@@ -30,6 +30,8 @@ from shardgen.schemas.sampling import SamplingParams
 from shardgen.workers.engine.memory import peak_rss_bytes, process_rss_bytes, reset_peak_rss
 from shardgen.workers.generators import HF_BATCH_WITH_AUTO
 
+from .command_support import out
+
 GENERATORS = ("engine", "hf-generate", "hf-continuous", "engine-no-kv")
 WORKLOADS = ("ragged", "equal")
 BASELINE = "hf-generate"
@@ -356,7 +358,6 @@ def add_ratios(results: list[Result]) -> None:
 
 
 def print_table(results: list[Result], memory: MemoryReport, header: str) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=header)
@@ -377,7 +378,7 @@ def print_table(results: list[Result], memory: MemoryReport, header: str) -> Non
             _fmt(r.peak_rss_mb, "{:.0f}"),
             r.note or (f"{r.useful_tokens} tokens in {r.seconds:.1f}s" if r.seconds else ""),
         )
-    console = Console()
+    console = out.get()
     console.print(table)
     if memory.rss_engine_mb is not None:
         console.print(

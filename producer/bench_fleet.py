@@ -22,6 +22,7 @@ import click
 from rich.console import Console
 
 from .bench_support import start_private_redis
+from .command_support import out
 from .display import rows_table
 
 console = Console(stderr=True)
@@ -164,7 +165,7 @@ def bench_fleet(worker_counts: str, shards: int, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
-    Console().print(rows_table(
+    out.print(rows_table(
         f"control plane: {shards} one-row shards, one Redis, a generator that does no model work",
         ["workers", "shards/s", "vs first", "CPU ms/shard", "of it Redis", "wall ms/shard", "in process_shard", "seconds"],
         [(r["workers"], f"{r['shards_per_s']:.0f}", f"{r['vs_first']:.2f}x", f"{r['cpu_per_shard_ms']:.1f}",

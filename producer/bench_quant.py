@@ -21,10 +21,9 @@ from rich.table import Table
 from shardgen.schemas.errors import InvalidParameter, ShardgenError
 from shardgen.schemas.model import QUANTIZE_METHODS, ModelSpec
 
-from .command_support import one_line_errors, quiet_libraries
+from .command_support import one_line_errors, out, quiet_libraries
 
 console = Console(stderr=True)
-out = Console()
 
 DEFAULT_METHODS = ("none", "nf4", "fp4", "int8")
 PROMPTS = (

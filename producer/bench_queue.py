@@ -22,6 +22,7 @@ from shardgen.schemas.sampling import SamplingParams
 
 from .bench import ASKS, CONTEXT, TOPICS
 from .bench_support import start_private_redis
+from .command_support import out
 from .display import rows_table
 
 console = Console(stderr=True)
@@ -122,7 +123,7 @@ def bench_queue(model: str, device: str, rows: int, shard_size: int, batch_size:
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
-    Console().print(rows_table(
+    out.print(rows_table(
         f"queue overhead: {rows} rows, shards of {shard_size}, batch {batch_size}, {max_new_tokens} new tokens, {device}",
         ["mode", "rows", "tokens", "seconds", "tokens/s", "ratio"],
         [(r["mode"], r["rows"], r["tokens"], f"{r['seconds']:.1f}", f"{r['tokens_per_s']:.1f}", f"{r['ratio_to_embedded']:.2f}x") for r in results],

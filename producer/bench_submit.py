@@ -20,6 +20,7 @@ import click
 from rich.console import Console
 
 from .bench_support import start_private_redis
+from .command_support import out
 from .display import rows_table
 
 console = Console(stderr=True)
@@ -114,7 +115,7 @@ def bench_submit(rows: str, shard_size: int, repeats: int, as_json: bool) -> Non
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
-    Console().print(rows_table(
+    out.print(rows_table(
         f"submit and status, shards of {shard_size} rows, a private redis-server, no workers",
         ["rows", "MiB", "submit s", "rows/s", "Redis MiB", "Redis %", "B/row", "B/shard", "status ms", "read ms"],
         [(f"{r['rows']:,}", f"{r['dataset_mib']:.1f}", f"{r['submit_s']:.1f}", f"{r['rows_per_s']:,.0f}",

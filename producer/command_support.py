@@ -12,6 +12,10 @@ import click
 from shardgen.schemas.errors import InvalidParameter, ShardgenError
 
 
+PIPED_WIDTH = 160
+"""Columns of tables written to a file or a pipe, where rich would otherwise assume 80."""
+
+
 class LazyConsole:
     """A rich Console made on first use: commands that print only JSON (`status --json`) never import rich."""
 
@@ -23,7 +27,11 @@ class LazyConsole:
         if self._console is None:
             from rich.console import Console
 
-            self._console = Console(**self._options)
+            options = dict(self._options)
+            stream = sys.stderr if options.get("stderr") else sys.stdout
+            if not stream.isatty() and "COLUMNS" not in os.environ:
+                options.setdefault("width", PIPED_WIDTH)  # a table saved to a file is read whole, not wrapped at 80
+            self._console = Console(**options)
         return self._console
 
     def __getattr__(self, name: str) -> Any:
