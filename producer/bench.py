@@ -422,10 +422,11 @@ def parse_batch_sizes(value: str) -> list[int | str]:
 @click.option("--quantize", type=click.Choice(["none", "nf4", "fp4", "int8"]), default="none", show_default=True,
               help="bitsandbytes quantization of the weights.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--batch-size", default="16", show_default=True,
+@click.option("--batch-size", default="16,auto", show_default=True,
               help="Batch size for every generator (engine slots, HF generate batch), or auto: the engine fits its "
-              f"KV cache to --max-memory and HF generate runs at {HF_BATCH_WITH_AUTO}. Several, comma-separated "
-              "(16,auto), run the engine at each and HF generate at the first number.")
+              f"KV cache to --max-memory and HF generate runs at {HF_BATCH_WITH_AUTO}. Several, comma-separated, "
+              "run the engine at each and HF generate at the first number. The default compares the engine with "
+              "HF generate at the same batch, then runs it as workers do (auto).")
 @click.option("--max-memory", default=None, help="Memory budget of the engine under --batch-size auto (e.g. 8GiB); "
               "default: what the process holds plus what the machine has free.")
 @click.option("--step-tokens", type=click.IntRange(min=1), default=None,
