@@ -5,6 +5,7 @@ import subprocess
 
 import pyarrow.parquet as pq
 import pytest
+import redis
 
 from tests.conftest import RedisServer, run_cli, write_jsonl
 from tests.test_distributed import make_rows, wait_for_end
@@ -36,10 +37,14 @@ def test_password_protected_redis_works_and_the_password_is_never_shown(tmp_path
         url = f"redis://:{PASSWORD}@127.0.0.1:{server.port}/0"
         for text in run_small_job(tmp_path, url, tiny_model_dir, start_worker):
             assert PASSWORD not in text
+        admin = redis.Redis.from_url(url)
+        connections_before = admin.info("stats")["total_connections_received"]
         wrong = run_cli("status", "--broker", f"redis://:wrong-one@127.0.0.1:{server.port}/0")
         assert wrong.returncode != 0 and "refused the password" in wrong.stderr and "wrong-one" not in wrong.stderr
         missing = run_cli("status", "--broker", server.url)
         assert missing.returncode != 0 and "needs a password" in missing.stderr and "Traceback" not in missing.stderr
+        # a refused password is answered at once, not retried like a lost connection (redis-py would, for 30 s)
+        assert admin.info("stats")["total_connections_received"] - connections_before <= 2
     finally:
         server.stop()
 

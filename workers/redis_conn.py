@@ -67,17 +67,31 @@ def connect(url: str, *, timeout_s: float = 5.0) -> Any:
     from redis.retry import Retry
 
     tls = tls_options(url)
-    try:
-        client = redis.Redis.from_url(
+
+    def client_with(retries: int) -> Any:
+        return redis.Redis.from_url(
             urlunsplit(urlsplit(url)._replace(query="")) if tls is not None else url,
             **(tls or {}),
             socket_connect_timeout=timeout_s,
             socket_timeout=max(timeout_s, 30.0),
             health_check_interval=15,
-            retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=5),
+            retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=retries),
             retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
         )
-        client.ping()
+
+    try:
+        client = client_with(retries=5)
+        # redis-py retries an AuthenticationError like any ConnectionError (it is one), for half a minute on a
+        # missing password: a first ping without retries answers a wrong or missing password at once.
+        first = client_with(retries=0)
+        try:
+            first.ping()
+        except redis.exceptions.AuthenticationError:
+            raise
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            client.ping()  # maybe not up yet: the bounded retries decide
+        finally:
+            first.close()
     except redis.exceptions.AuthenticationError:
         if urlsplit(url).password is None:
             raise BrokerError(f"Redis at {redact(url)} needs a password", "use redis://:PASSWORD@host:port/db") from None
