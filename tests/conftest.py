@@ -274,18 +274,33 @@ class WorkerProcess:
         self.log.close()
 
 
-@pytest.fixture()
-def start_worker(tmp_path: Path):
-    started: list[WorkerProcess] = []
+class WorkerStarter:
+    """`start_worker(model, broker, *flags)` starts a real `shardgen worker`; all are stopped at teardown."""
 
-    def start(model: str, broker: str, *extra: str) -> WorkerProcess:
-        worker = WorkerProcess(model, broker, tmp_path / f"worker-{len(started)}.log", *extra).start()
-        started.append(worker)
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.started: list[WorkerProcess] = []
+
+    def __call__(self, model: str, broker: str, *extra: str) -> WorkerProcess:
+        worker = WorkerProcess(model, broker, self.directory / f"worker-{len(self.started)}.log", *extra).start()
+        self.started.append(worker)
         return worker
 
-    yield start
-    for worker in started:
-        worker.stop()
+    def stop_all(self) -> None:
+        """SIGTERM to every worker at once, then wait for each: they drain in parallel, not one after another.
+        Call it before stopping a test's own Redis, so that workers do not spend their shutdown reconnecting."""
+        for worker in self.started:
+            if worker.process and worker.process.poll() is None:
+                worker.process.terminate()
+        for worker in self.started:
+            worker.stop()
+
+
+@pytest.fixture()
+def start_worker(tmp_path: Path):
+    starter = WorkerStarter(tmp_path)
+    yield starter
+    starter.stop_all()
 
 
 def run_in_fresh_process(source: str, timeout: float = 300) -> None:

@@ -82,6 +82,7 @@ def test_chaos_random_kills_and_a_redis_restart_lose_and_double_nothing(tmp_path
         assert status["reassigned"] >= 1
         collect_exactly_once(run_id, url, tmp_path, 240)
     finally:
+        start_worker.stop_all()
         server.stop()
 
 
@@ -116,6 +117,7 @@ def test_redis_restart_mid_run_loses_no_state(tmp_path, tiny_model_dir, start_wo
         assert status["state"] == "done" and status["rows_done"] == 96
         collect_exactly_once(run_id, server.url, tmp_path, 96)
     finally:
+        start_worker.stop_all()
         server.stop()
 
 

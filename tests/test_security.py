@@ -46,6 +46,7 @@ def test_password_protected_redis_works_and_the_password_is_never_shown(tmp_path
         # a refused password is answered at once, not retried like a lost connection (redis-py would, for 30 s)
         assert admin.info("stats")["total_connections_received"] - connections_before <= 2
     finally:
+        start_worker.stop_all()
         server.stop()
 
 
@@ -73,6 +74,7 @@ def test_tls_redis_with_a_private_ca(tmp_path, certificates, tiny_model_dir, sta
         untrusted = run_cli("status", "--broker", f"rediss://:{PASSWORD}@127.0.0.1:{server.port}/0")
         assert untrusted.returncode != 0 and "cannot reach Redis" in untrusted.stderr and PASSWORD not in untrusted.stderr
     finally:
+        start_worker.stop_all()
         server.stop()
 
 
