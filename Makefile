@@ -6,6 +6,8 @@ STAMP  := $(VENV)/.shardgen-installed
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
+# Two test processes: most tests wait on real workers, Redis or S3 while the other one computes.
+TEST_PROCESSES ?= 2
 
 .PHONY: demo test install bench clean help
 
@@ -38,7 +40,7 @@ demo: $(STAMP)
 		--id-column id --keep-columns topic --ground-truth-column answer --max-new-tokens 64 --seed 0 --show 12 --score
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/shardgen bench
