@@ -120,7 +120,6 @@ class MemoryReport:
     """The process without the model's weights (interpreter, torch, transformers, tokenizer): loaded - footprint."""
 
 
-
 PASSAGE_SHARE = 0.25
 """Share of ragged prompts that also carry a passage to read, the long tail of a real dataset's lengths."""
 

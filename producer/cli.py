@@ -19,7 +19,6 @@ from .command_support import console, one_line_errors, out, print_json, quiet_li
 from .score import METRICS as SCORE_METRICS
 
 
-
 # ---------------------------------------------------------------- shared options
 def _options(*decorators: Callable) -> Callable:
     def apply(func: Callable) -> Callable:

@@ -86,9 +86,9 @@ def connect(url: str, *, timeout_s: float = 5.0) -> Any:
         first = client_with(retries=0)
         try:
             first.ping()
-        except redis.exceptions.AuthenticationError:
-            raise
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            if isinstance(exc, redis.exceptions.AuthenticationError):
+                raise
             client.ping()  # maybe not up yet: the bounded retries decide
         finally:
             first.close()

@@ -25,8 +25,6 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
     return out.reshape(batch, heads, queries, head_dim).transpose(1, 2), None  # [A, q, H, D]
 
 
-
-
 _registered = False
 
 
