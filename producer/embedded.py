@@ -68,7 +68,8 @@ def run_embedded(
 ) -> RunSummary:
     console = console or Console(stderr=True)
     output = str(output)
-    if output_format(output) != ".jsonl" and row_metadata:
+    suffix = output_format(output)  # an output name of unknown format is refused here, before any work
+    if row_metadata and suffix != ".jsonl":
         raise InputError("--row-metadata adds a metadata object to each JSONL row", "write the output to a .jsonl file")
     table = read_input(spec)
     parts = parts_dir_for(output)
