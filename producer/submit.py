@@ -1,4 +1,4 @@
-"""`shardgen submit`: stage the input once in the work directory, record the run, wake workers.
+"""`shardgen submit`: stage the input once in the work directory, record the run, ring the doorbell.
 
 The dataset is read and checked before anything is written, so bad input leaves no trace. The input is then
 written once, as Parquet, to WORK_DIR/RUN_ID/input/ (workers read their shard from there, retries and resumes
@@ -14,7 +14,8 @@ from rich.console import Console
 
 from shardgen.schemas.layout import RunLayout, shard_count
 from shardgen.schemas.run import RunSpec
-from shardgen.workers.lifecycle import RunStore, check_resumable, redo_run, wake_workers
+from shardgen.workers.lifecycle import RunStore, check_resumable, redo_run
+from shardgen.workers.queue.doorbell import Doorbell
 from shardgen.workers.storage import check_writable, stage_input, write_run_file
 
 from .dataset import read_input
@@ -40,7 +41,7 @@ def submit_run(spec: RunSpec, work_dir: str, store: RunStore, console: Console |
         stage_input(layout, table)
         write_run_file(layout, spec, rows_total, shards_total)
     queue = store.create_run(spec, work_dir, rows_total, shards_total)
-    wake_workers(store, store.wakeups(), queue)
+    Doorbell.of(store).ring(queue)
     return Submitted(spec, rows_total, shards_total, queue)
 
 
@@ -53,5 +54,6 @@ def resume_run(spec: RunSpec, run_id: str, work_dir: str, store: RunStore) -> Su
 
         raise InvalidParameter(f"run {run_id} writes to {record.work_dir}, not {work_dir}", f"pass --work-dir {record.work_dir}")
     layout = RunLayout(record.work_dir, run_id, record.spec.shard_size)
-    requeued = redo_run(store, store.wakeups(), layout)
+    requeued = redo_run(store, layout)
+    Doorbell.of(store).ring(record.queue)
     return Submitted(record.spec, record.rows_total, record.shards_total, record.queue, requeued)

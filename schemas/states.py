@@ -30,3 +30,32 @@ class ShardState(str, Enum):
     FAILED = "failed"
     """Failed more often than the run's max_retries allow."""
     CANCELLED = "cancelled"
+
+
+class Outcome(str, Enum):
+    """How one take-shard message ended for a worker: the value the lifecycle's scripts return, the handler
+    returns, the logs print and the `shardgen_shards{outcome}` metric counts. One name per fact, from Lua to
+    Prometheus."""
+
+    DONE = "done"
+    """This attempt's result was recorded as the shard's result."""
+    DUPLICATE = "duplicate"
+    """Another attempt's result was recorded first; this attempt's copy is discarded."""
+    RETRY = "retry"
+    """The attempt failed; the shard waits out its backoff and goes back to its queue."""
+    FAILED = "failed"
+    """The attempt failed and the shard is out of retries: it ended failed."""
+    RELEASED = "released"
+    """The worker is shutting down: the shard went back to the front of its queue, no retry counted."""
+    LOST = "lost"
+    """Another attempt took the shard over (this worker's lease had gone): this attempt stopped."""
+    CANCELLED = "cancelled"
+    """The run was cancelled while the shard ran."""
+    STALE = "stale"
+    """The worker no longer held this attempt when it reported (the shard was taken over or has ended)."""
+    IDLE = "idle"
+    """Nothing was waiting in the queue."""
+    DRAINING = "draining"
+    """The worker is shutting down and took nothing."""
+    REJECTED = "rejected"
+    """The message was malformed, foreign or meant for another queue; it was not executed."""

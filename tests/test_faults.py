@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import RedisServer, run_cli, run_status_now, wait_until, write_jsonl
 from tests.test_distributed import make_rows, wait_for_end
+from tests.test_fleet import HELD, hold_file
 
 FAST_LEASE = {"SHARDGEN_LEASE_SECONDS": "4"}
 
@@ -86,15 +87,18 @@ def test_chaos_random_kills_and_a_redis_restart_lose_and_double_nothing(tmp_path
         server.stop()
 
 
-def test_a_killed_workers_shard_is_taken_over_within_the_lease(tmp_path, redis_url, tiny_model_dir, start_worker):
+def test_a_killed_workers_shard_is_taken_over_within_the_lease(tmp_path, redis_url, tiny_model_dir, start_worker,
+                                                              monkeypatch):
     model = str(tiny_model_dir)
     data = write_jsonl(tmp_path / "q.jsonl", make_rows(16))
-    doomed = start_worker(model, redis_url)
+    hold = hold_file(tmp_path, monkeypatch)  # the shard is still running when the worker is killed
+    doomed = start_worker(model, redis_url, "--engine", HELD)
     doomed.wait_ready()
-    run_id = submit(data, tmp_path / "work", redis_url, model, "--shard-size", "16", "--max-new-tokens", "400")
+    run_id = submit(data, tmp_path / "work", redis_url, model, "--shard-size", "16", "--max-new-tokens", "16")
     wait_until(lambda: status_of(run_id, redis_url)["shards_running"] == 1, timeout=60, what="the shard to start")
     doomed.kill(signal.SIGKILL)
     killed_at = time.time()
+    hold.unlink()
     start_worker(model, redis_url, "--batch-size", "16")
     status = wait_for_end(run_id, redis_url, timeout=240)
     assert status["state"] == "done" and status["reassigned"] == 1

@@ -20,6 +20,19 @@ from tests.conftest import REPO, SHARDGEN, free_port, run_cli, run_status_now, w
 from tests.test_distributed import make_rows, wait_for_end
 
 
+HELD = "tests.held_generator:held"
+"""A worker engine held at the start of each shard while the test's hold file exists (tests/held_generator.py)."""
+
+
+def hold_file(tmp_path, monkeypatch):
+    from tests.held_generator import HOLD_FILE_ENV
+
+    hold = tmp_path / "hold"
+    hold.touch()
+    monkeypatch.setenv(HOLD_FILE_ENV, str(hold))
+    return hold
+
+
 def submit(data, work, broker, model, *extra):
     result = run_cli("submit", str(data), "--work-dir", str(work), "--broker", broker, "--model", model, "--json", *extra)
     assert result.returncode == 0, result.stderr
@@ -136,11 +149,12 @@ def test_one_command_runs_a_supervised_worker_per_device(tmp_path, redis_url, ti
 # ---------------------------------------------------------------- graceful scale-down
 def test_sigterm_mid_shard_gives_the_shard_back_in_seconds_not_after_the_lease(tmp_path, redis_url, tiny_model_dir, processes, monkeypatch):
     monkeypatch.setenv("SHARDGEN_LEASE_SECONDS", "120")  # a lease expiry would take two minutes
+    hold = hold_file(tmp_path, monkeypatch)  # the shard runs until the signal, however fast this machine is
     model = str(tiny_model_dir)
     worker = processes(["worker", "--model", model, "--broker", redis_url, "--device", "cpu", "--batch-size", "2",
-                        "--grace-seconds", "1"], tmp_path / "leaving.log")
+                        "--grace-seconds", "1", "--engine", HELD], tmp_path / "leaving.log")
     run_id = submit(write_jsonl(tmp_path / "q.jsonl", make_rows(8)), tmp_path / "work", redis_url, model,
-                    "--shard-size", "8", "--max-new-tokens", "400")
+                    "--shard-size", "8", "--max-new-tokens", "8")
     wait_until(lambda: run_status_now(run_id, redis_url)["shards_running"] == 1, timeout=120, what="the shard to start")
     worker.process.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
@@ -151,16 +165,18 @@ def test_sigterm_mid_shard_gives_the_shard_back_in_seconds_not_after_the_lease(t
     assert worker.process.wait(60) == 0
     assert "given back to its queue" in worker.text()
 
+    hold.unlink()
     processes(["worker", "--model", model, "--broker", redis_url, "--device", "cpu", "--batch-size", "8"], tmp_path / "next.log")
     status = wait_for_end(run_id, redis_url, timeout=300)
     assert status["state"] == "done" and status["rows_done"] == 8
 
 
 # ---------------------------------------------------------------- metrics and logs
-def test_metrics_are_scraped_from_a_real_worker_during_a_run(tmp_path, redis_url, tiny_model_dir, processes):
+def test_metrics_are_scraped_from_a_real_worker_during_a_run(tmp_path, redis_url, tiny_model_dir, processes, monkeypatch):
+    hold = hold_file(tmp_path, monkeypatch)  # the first shard runs until the test has looked at it
     model, port = str(tiny_model_dir), free_port()
     processes(["worker", "--model", model, "--broker", redis_url, "--device", "cpu", "--batch-size", "4",
-               "--metrics-port", str(port)], tmp_path / "worker.log")
+               "--metrics-port", str(port), "--engine", HELD], tmp_path / "worker.log")
     wait_until(lambda: serving(port), timeout=120, what="the metrics endpoint")
     before = scrape(port)
     assert before["shardgen_model_load_seconds"] > 0 and before["shardgen_busy"] == 0
@@ -169,6 +185,7 @@ def test_metrics_are_scraped_from_a_real_worker_during_a_run(tmp_path, redis_url
                     "--shard-size", "4", "--max-new-tokens", "40")
     during = wait_until(lambda: (m := scrape(port)).get("shardgen_busy") == 1 and m, timeout=120, what="a running shard")
     assert any(k.startswith("shardgen_current_shard{") and f'run_id="{run_id}"' in k for k in during)
+    hold.unlink()
     status = wait_for_end(run_id, redis_url)
     after = scrape(port)
     assert after['shardgen_shards_total{outcome="done"}'] == 5

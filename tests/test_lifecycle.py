@@ -13,8 +13,8 @@ import pytest
 from shardgen.schemas.model import ModelSpec
 from shardgen.schemas.run import RunSpec
 from shardgen.schemas.states import RunState
-from shardgen.workers.lifecycle import RunStore, run_status, wake_workers
-from shardgen.workers.lifecycle.dispatch import WAKE_WINDOW
+from shardgen.workers.lifecycle import RunStore, run_status
+from shardgen.workers.queue.doorbell import WAKE_WINDOW, Doorbell
 from shardgen.workers.lifecycle.policy import retry_delay
 
 QUEUE = "sg.q.tiny"
@@ -38,7 +38,7 @@ class CountingWakeups:
         self.pending = {}
         self.sent = 0
 
-    def in_flight(self, queue):
+    def waiting(self, queue):
         return self.pending.get(queue, 0)
 
     def send(self, queue, count):
@@ -114,23 +114,34 @@ def test_entries_of_earlier_attempts_are_stale(store, clock):
 def test_duplicate_completion_counts_its_rows_once(store, clock):
     run_id = new_run(store, shards=2)
     claim = store.claim_next(QUEUE, "w1")
-    assert store.complete(claim, "obj-a", **stats(rows=10, tokens=7)) is True
-    assert store.complete(claim, "obj-b", **stats(rows=10, tokens=7)) is False
+    assert store.complete(claim, "obj-a", **stats(rows=10, tokens=7)) == "done"
+    assert store.complete(claim, "obj-b", **stats(rows=10, tokens=7)) == "duplicate"
     record = store.record(run_id)
     assert (record.rows_done, record.generated_tokens, record.shards["done"]) == (10, 7, 1)
     assert store.shards(run_id, [0])[0].result == "obj-a"
+
+
+def test_the_same_completion_sent_twice_is_recorded_once_and_answered_done_twice(store, clock):
+    """redis-py sends a script again after a lost reply: the second send must not tell the worker it lost (the
+    worker would then delete its own recorded result)."""
+    run_id = new_run(store, shards=2)
+    claim = store.claim_next(QUEUE, "w1")
+    assert store.complete(claim, "obj-a", **stats(rows=10, tokens=7)) == "done"
+    assert store.complete(claim, "obj-a", **stats(rows=10, tokens=7)) == "done"
+    record = store.record(run_id)
+    assert (record.rows_done, record.generated_tokens, record.shards["done"]) == (10, 7, 1)
 
 
 def test_a_slow_attempt_and_its_takeover_the_first_to_finish_wins(store, clock):
     run_id = new_run(store, shards=1)
     slow = store.claim_next(QUEUE, "slow")
     expire_lease(store, slow, clock)
-    assert store.reap_expired_leases() == [(run_id, 0, "requeued")]
+    assert store.reap_expired_leases() == [(run_id, 0, "queued")]
     fast = store.claim_next(QUEUE, "fast")
     assert fast.attempt == 2
-    assert store.complete(slow, "slow-object", **stats()) is True  # the slow one was not dead after all
+    assert store.complete(slow, "slow-object", **stats()) == "done"  # the slow one was not dead after all
     assert store.renew(fast) == "lost"  # the takeover learns at its next renewal and stops
-    assert store.complete(fast, "fast-object", **stats()) is False
+    assert store.complete(fast, "fast-object", **stats()) == "duplicate"
     assert store.fail(fast, "stopped") == ("stale", 0.0)
     assert counters(store, run_id) == (RunState.DONE, {"done": 1})
     assert store.shards(run_id)[0].result == "slow-object" and store.record(run_id).rows_done == 10
@@ -144,7 +155,7 @@ def test_complete_after_a_final_failure_makes_the_shard_and_the_run_done(store, 
     retry = store.claim_next(QUEUE, "w2")
     assert store.fail(retry, "boom") == ("failed", 0.0)
     assert counters(store, run_id) == (RunState.FAILED, {"failed": 1})
-    assert store.complete(stuck, "late-object", **stats()) is True
+    assert store.complete(stuck, "late-object", **stats()) == "done"
     assert counters(store, run_id) == (RunState.DONE, {"done": 1})
     assert store.record(run_id).failed == []
 
@@ -177,7 +188,7 @@ def test_a_crashed_claim_is_reaped_exactly_once_under_two_reapers(store, clock):
     expire_lease(store, lost, clock)
     store.renew(alive)  # the live worker renews; its lease survives the clock jump
     first, second = store.reap_expired_leases(), store.reap_expired_leases()
-    assert first == [(run_id, 0, "requeued")] and second == []
+    assert first == [(run_id, 0, "queued")] and second == []
     record = store.record(run_id)
     assert record.reassigned == 1 and record.shards["queued"] == 1 and record.shards["running"] == 1
     assert store.claim_next(QUEUE, "new").shard_index == 0  # at the front of the queue
@@ -187,7 +198,7 @@ def test_a_shard_whose_workers_keep_dying_fails(store, clock):
     run_id = new_run(store, shards=1, max_retries=1)
     for _ in range(2):
         expire_lease(store, store.claim_next(QUEUE, "w"), clock)
-        assert store.reap_expired_leases()[0][2] == "requeued"
+        assert store.reap_expired_leases()[0][2] == "queued"
     expire_lease(store, store.claim_next(QUEUE, "w"), clock)
     assert store.reap_expired_leases() == [(run_id, 0, "failed")]
     assert "died 3 times" in store.record(run_id).failed[0].error
@@ -218,7 +229,7 @@ def test_a_shard_finishing_after_cancel_still_counts_and_retry_finishes_the_rest
     run_id = new_run(store, shards=3)
     claim = store.claim_next(QUEUE, "w1")
     store.cancel(run_id)
-    assert store.complete(claim, "obj", **stats()) is True  # its rows are valid
+    assert store.complete(claim, "obj", **stats()) == "done"  # its rows are valid
     assert counters(store, run_id) == (RunState.CANCELLED, {"done": 1, "cancelled": 2})
     assert store.redo(run_id) == 2
     assert counters(store, run_id) == (RunState.RUNNING, {"done": 1, "queued": 2})
@@ -256,13 +267,14 @@ def test_redo_leaves_running_and_waiting_shards_alone(store):
 # ---------------------------------------------------------------- wake-ups and status
 def test_wakeups_are_topped_up_to_what_is_takeable_within_a_window(store, clock):
     wakeups = CountingWakeups()
+    doorbell = Doorbell(store, wakeups)
     new_run(store, shards=3)
-    assert wake_workers(store, wakeups, QUEUE) == 3
-    assert wake_workers(store, wakeups, QUEUE) == 0  # three already in flight
+    assert doorbell.ring(QUEUE) == 3
+    assert doorbell.ring(QUEUE) == 0  # three already in flight
     new_run(store, shards=WAKE_WINDOW * 2)
-    assert wake_workers(store, wakeups, QUEUE) == WAKE_WINDOW - 3
+    assert doorbell.ring(QUEUE) == WAKE_WINDOW - 3
     wakeups.take(QUEUE)
-    assert wake_workers(store, wakeups, QUEUE) == 1
+    assert doorbell.ring(QUEUE) == 1
 
 
 def test_status_reads_counters_and_the_running_shards_progress(store, clock):

@@ -14,9 +14,10 @@ from shardgen.schemas.model import ModelSpec
 from shardgen.schemas.results import decode_metadata
 from shardgen.schemas.run import RunSpec
 from shardgen.schemas.sampling import SamplingParams
-from shardgen.schemas.states import RunState
+from shardgen.schemas.states import Outcome, RunState
 from shardgen.workers.generators import make_generator
 from shardgen.workers.lifecycle import RunStore
+from shardgen.workers.queue.doorbell import Doorbell
 from shardgen.workers.queue.handler import Shutdown, WorkerContext, handle_message, watchdog_tick
 from shardgen.workers.queue.heartbeat import Heartbeat
 from shardgen.workers.storage import stage_input, write_run_file
@@ -59,7 +60,7 @@ def world(tmp_path, tiny_model_dir, tiny_loaded, clock):
     store.create_run(spec, layout.work_dir, 12, 3)
     wakeups = CountingWakeups()
     ctx = WorkerContext(
-        loaded=tiny_loaded, generator=make_generator(tiny_loaded, 4), store=store, wakeups=wakeups,
+        loaded=tiny_loaded, generator=make_generator(tiny_loaded, 4), store=store, doorbell=Doorbell(store, wakeups),
         queue=model.queue, device="cpu", worker_id="w1", lease_ms=500, shutdown=Shutdown(0.2),
     )
     return ctx, spec, layout
@@ -79,7 +80,7 @@ def test_a_message_runs_the_next_shard_and_publishes_its_result(world):
     meta = decode_metadata(table.schema.metadata)
     assert meta["attempt"] == "1" and meta["worker"] == "w1"
     assert ctx.store.shards(spec.run_id, [0])[0].result.endswith(".parquet")
-    assert ctx.wakeups.sent == 2  # two more shards were waiting: two more workers woken
+    assert ctx.doorbell.bell.sent == 2  # two more shards were waiting: two more workers woken
 
 
 @pytest.mark.parametrize(
@@ -152,7 +153,7 @@ def test_a_shard_taken_over_stops_and_its_attempt_is_not_published(world, tmp_pa
 def test_a_late_duplicate_discards_its_own_object(world, tmp_path):
     ctx, spec, layout = world
     original = ctx.store.complete
-    ctx.store.complete = lambda claim, *args, **kwargs: False  # another attempt was recorded first
+    ctx.store.complete = lambda claim, *args, **kwargs: Outcome.DUPLICATE  # another attempt was recorded first
     assert handle_message(message(ctx), ctx) == "duplicate"
     ctx.store.complete = original
     attempts = tmp_path / "work" / spec.run_id / "attempts"
@@ -167,5 +168,5 @@ def test_watchdog_reaps_dead_workers_shards_wakes_and_reports_this_worker(world,
     watchdog_tick(ctx)
     record = ctx.store.record(spec.run_id)
     assert record.reassigned == 1 and record.shards["queued"] == 3 and record.state is RunState.RUNNING
-    assert ctx.wakeups.sent == 3
+    assert ctx.doorbell.bell.sent == 3
     assert [w.worker for w in ctx.store.workers()] == ["w1"]

@@ -2,9 +2,10 @@
 
     LLM                 the in-process Python API (workers/api.py)
     load_model          resolve and load a model once (workers/models)
-    make_generator      the engine (or transformers' generate) for a loaded model
+    load_generator      load a model and build the generator `--engine` asks for (every driver calls it)
+    make_generator      shardgen's engine (or transformers' generate) for a model already loaded
     process_shard       one shard in, one Parquet object out; both drivers call it
-    start_worker        a Celery worker serving one model on one device (workers/queue)
+    start_worker        a Celery worker serving one model on one device, from a WorkerConfig (workers/queue)
     supervise           one worker process per device of this node (`--devices`), restarted when they crash
     parse_devices       what `--devices` names: all, 0,1,3 or cpu,cpu
 
@@ -22,6 +23,8 @@ _EXPORTS = {
     "BROKER_ENV": ".redis_conn",
     "DEFAULT_BROKER_URL": ".redis_conn",
     "make_generator": ".generators",
+    "load_generator": ".generators",
+    "WorkerConfig": ".queue.config",
     "process_shard": ".shard_processing",
     "start_worker": ".queue.worker_main",
     "supervise": ".queue.supervisor",

@@ -1,9 +1,8 @@
 """The life of a run and its shards, and its one owner: states, the Redis key layout, every transition,
 retries and backoff, reaping, and which shards still need work. The producer and the workers ask it; only
-its scripts move a run's state.
+its scripts move a run's state. It knows nothing of how workers are woken (workers/queue/doorbell.py).
 """
 
-from .dispatch import wake_workers
 from .policy import check_resumable
 from .progress import run_status
 from .resume import missing_results, present_results, redo_run, unfinished_shards
@@ -21,5 +20,4 @@ __all__ = [
     "redo_run",
     "run_status",
     "unfinished_shards",
-    "wake_workers",
 ]

@@ -4,12 +4,9 @@ shard."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from shardgen.schemas.layout import RunLayout, part_name
 from shardgen.schemas.states import ShardState
 
-from .dispatch import wake_workers
 from .store import RunStore
 
 
@@ -38,8 +35,7 @@ def missing_results(store: RunStore, layout: RunLayout) -> list[int]:
     ]
 
 
-def redo_run(store: RunStore, wakeups: Any, layout: RunLayout) -> int:
-    """Queue again every shard of the run without a result (failed, cancelled, lost), and wake workers."""
-    requeued = store.redo(layout.run_id, missing_results(store, layout))
-    wake_workers(store, wakeups, store.record(layout.run_id, details=False).queue)
-    return requeued
+def redo_run(store: RunStore, layout: RunLayout) -> int:
+    """Queue again every shard of the run without a result (failed, cancelled, lost); the caller rings the
+    doorbell of its queue."""
+    return store.redo(layout.run_id, missing_results(store, layout))

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable
 from shardgen.schemas.errors import RunNotFound
 from shardgen.schemas.run import RunSpec
 from shardgen.schemas.shard import check_run_id
-from shardgen.schemas.states import RunState, ShardState
+from shardgen.schemas.states import Outcome, RunState, ShardState
 
 from . import policy
 
@@ -252,14 +252,6 @@ class RunStore:
         waiting, due = pipe.execute()
         return int(waiting) + int(due)
 
-    def wakeups(self) -> Any:
-        """Celery wake-ups through this store's Redis (lifecycle/dispatch.py)."""
-        from ..queue.celery_app import configure
-        from .dispatch import CeleryWakeups
-
-        assert self.url is not None, "a store built on a client has no broker URL"
-        return CeleryWakeups(configure(self.url), self.redis)
-
     def _members(self, key: str) -> list[int]:
         return [int(m) for m in self.redis.smembers(key)]
 
@@ -272,36 +264,40 @@ class RunStore:
         run_id, index, attempt = _strings(taken)
         return Claim(run_id, int(index), int(attempt), worker)
 
-    def renew(self, claim: Claim, rows_done: int | None = None, lease_ms: int = LEASE_MS) -> str:
-        """Extend the lease; returns the run's state, or 'lost' when another attempt took the shard over."""
+    def renew(self, claim: Claim, rows_done: int | None = None, lease_ms: int = LEASE_MS) -> RunState | Outcome:
+        """Extend the lease; returns the run's state, or Outcome.LOST when another attempt took the shard over."""
         rows = "" if rows_done is None else rows_done
-        return _string(self._run("renew", claim.run_id, claim.shard_index, claim.worker, lease_ms, rows))
+        answer = _string(self._run("renew", claim.run_id, claim.shard_index, claim.worker, lease_ms, rows))
+        return Outcome.LOST if answer in (Outcome.LOST.value, "missing") else RunState(answer)
 
     def complete(self, claim: Claim, result: str, *, rows: int, rows_failed: int, prompt_tokens: int,
-                 generated_tokens: int, seconds: float, batch_halvings: int = 0) -> bool:
-        """Record `result` as the shard's result; False when another attempt's was recorded first."""
+                 generated_tokens: int, seconds: float, batch_halvings: int = 0) -> Outcome:
+        """Record `result` as the shard's result: DONE, or DUPLICATE when another attempt's was recorded first.
+        Sending the same completion again (a retried reply) answers DONE again."""
         outcome = self._run("complete", claim.run_id, claim.shard_index, claim.worker, claim.attempt, result,
                             rows, rows_failed, prompt_tokens, generated_tokens, repr(seconds), batch_halvings)
-        return _string(outcome) == "won"
+        return Outcome(_string(outcome))
 
-    def fail(self, claim: Claim, error: str) -> tuple[str, float]:
-        """Record a failed attempt: ('retry', backoff seconds), ('failed', 0), ('cancelled', 0) or ('stale', 0)."""
+    def fail(self, claim: Claim, error: str) -> tuple[Outcome, float]:
+        """Record a failed attempt: (RETRY, backoff seconds), (FAILED, 0), (CANCELLED, 0) or (STALE, 0)."""
         outcome, delay = self._run("fail", claim.run_id, claim.shard_index, claim.worker, claim.attempt,
                                    error[:2000], policy.BACKOFF_BASE_S, policy.BACKOFF_CAP_S)
-        return _string(outcome), float(_string(delay))
+        return Outcome(_string(outcome)), float(_string(delay))
 
-    def release(self, claim: Claim, reason: str) -> str:
-        """Give a running shard back: 'shutdown' puts it at the front of its queue, 'cancelled' ends it."""
+    def release(self, claim: Claim, reason: str) -> Outcome:
+        """Give a running shard back: 'shutdown' puts it at the front of its queue (RELEASED), 'cancelled' ends it
+        (CANCELLED); STALE when this worker no longer held it."""
         assert reason in ("shutdown", "cancelled"), reason
-        return _string(self._run("release", claim.run_id, claim.shard_index, claim.worker, claim.attempt, reason))
+        return Outcome(_string(self._run("release", claim.run_id, claim.shard_index, claim.worker, claim.attempt, reason)))
 
-    def reap_expired_leases(self) -> list[tuple[str, int, str]]:
-        """(run, shard, outcome) for each shard whose worker stopped renewing its lease; each is reaped once."""
+    def reap_expired_leases(self) -> list[tuple[str, int, ShardState]]:
+        """(run, shard, the state it moved to) for each shard whose worker stopped renewing its lease; each is
+        reaped once, whoever calls this."""
         flat = _strings(self._run("reap"))
         out = []
-        for member, outcome in zip(flat[::2], flat[1::2]):
+        for member, state in zip(flat[::2], flat[1::2]):
             run_id, index = member.rsplit("|", 1)
-            out.append((run_id, int(index), outcome))
+            out.append((run_id, int(index), ShardState(state)))
         return out
 
     def redo(self, run_id: str, missing_results: Iterable[int] = ()) -> int:

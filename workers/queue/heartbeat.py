@@ -7,6 +7,8 @@ import threading
 import time
 from typing import Callable
 
+from shardgen.schemas.states import Outcome, RunState
+
 from ..lifecycle import policy
 from ..lifecycle.store import LEASE_MS, Claim, RunStore
 
@@ -54,11 +56,11 @@ class Heartbeat:
     def beat(self) -> None:
         """One renewal (the thread calls this every interval; tests call it directly)."""
         state = self.store.renew(self.claim, self.rows_done, self.lease_ms)
-        if state == "lost":
+        if state is Outcome.LOST:
             log.warning("shard %s of run %s: another attempt took it over; stopping this one",
                         self.claim.shard_index, self.claim.run_id)
             self.stop_reason = "lost"
-        elif state == "cancelled":
+        elif state is RunState.CANCELLED:
             self.stop_reason = "cancelled"
 
     def _loop(self) -> None:

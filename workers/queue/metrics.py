@@ -6,6 +6,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
+from shardgen.schemas.states import Outcome
+
 from ..lifecycle.store import Claim
 
 SHARD_SECONDS_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -15,8 +17,8 @@ class WorkerMetrics:
     def __init__(self, *, model: str, device: str, queue: str, worker: str, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.shards = Counter("shardgen_shards", "Shards this worker ended, by outcome: done, duplicate, retry, "
-                              "failed, released (given back at shutdown), lost (taken over), cancelled", ["outcome"], registry=r)
+        self.shards = Counter("shardgen_shards", "Shards this worker ended, by outcome (schemas/states.py Outcome): "
+                              "done, duplicate, retry, failed, released, lost, cancelled, stale", ["outcome"], registry=r)
         self.rows = Counter("shardgen_rows", "Input rows of the shards this worker completed", registry=r)
         self.rows_failed = Counter("shardgen_rows_failed", "Rows recorded with an error (bad prompt, too long, ...)", registry=r)
         self.prompt_tokens = Counter("shardgen_prompt_tokens", "Prompt tokens of completed shards", registry=r)
@@ -37,11 +39,11 @@ class WorkerMetrics:
         self.busy.set(1)
         self.current.labels(claim.run_id, str(claim.shard_index)).set(1)
 
-    def shard_ended(self, claim: Claim, outcome: str, result: Any = None, occupancy: float | None = None) -> None:
+    def shard_ended(self, claim: Claim, outcome: Outcome, result: Any = None, occupancy: float | None = None) -> None:
         """`result` is the ShardOutcome of a completed shard; `occupancy` the engine's over it."""
         self.busy.set(0)
         self.current.remove(claim.run_id, str(claim.shard_index))
-        self.shards.labels(outcome).inc()
+        self.shards.labels(outcome.value).inc()
         if result is None:
             return
         self.rows.inc(result.rows)

@@ -1,7 +1,7 @@
 """`shardgen worker --devices ...`: one worker process per device on this node, supervised.
 
-Each child is a plain `shardgen worker --device ...` process pinned to its GPU with CUDA_VISIBLE_DEVICES before
-torch starts (this process never imports torch). A child that exits on its own is restarted with a growing
+Each child is a worker process (worker_main.py) started from the node's WorkerConfig, pinned to its GPU with
+CUDA_VISIBLE_DEVICES before torch starts (this process never imports torch). A child that exits on its own is restarted with a growing
 delay and the parent says so; SIGTERM or SIGINT is passed to every child, which gives its running shard back
 after its grace period, and the parent waits for them before it exits.
 """
@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
+
+from .config import CONFIG_ENV, WorkerConfig
 
 log = logging.getLogger("shardgen.supervisor")
 
@@ -59,24 +60,16 @@ def _term_with_parent() -> None:
         pass
 
 
-def child_commands(devices: list[str], worker_args: list[str], metrics_port: int | None,
-                   base_env: dict[str, str]) -> list[Child]:
-    """The command and environment of each device's worker: pinned, with its own metrics port."""
+def child_commands(devices: list[str], config: WorkerConfig, base_env: dict[str, str]) -> list[Child]:
+    """The command and environment of each device's worker: pinned, with its own metrics port and name."""
     children = []
     for slot, device in enumerate(devices):
         env = dict(base_env)
-        if device == "cpu":
-            env["CUDA_VISIBLE_DEVICES"] = ""
-            target = "cpu"
-        else:
-            env["CUDA_VISIBLE_DEVICES"] = device
-            target = "cuda:0"
+        env["CUDA_VISIBLE_DEVICES"] = "" if device == "cpu" else device
         label = "cpu" if device == "cpu" else f"gpu{device}"
-        command = [sys.executable, "-m", "shardgen.producer.cli", "worker", *worker_args, "--device", target,
-                   "--name", f"shardgen-{slot}-{label}@{socket.gethostname()}"]
-        if metrics_port is not None:
-            command += ["--metrics-port", str(metrics_port + slot)]
-        children.append(Child(slot, device, command, env))
+        child = config.for_child(slot, "cpu" if device == "cpu" else "cuda:0", label)
+        env[CONFIG_ENV] = child.to_json()
+        children.append(Child(slot, device, [sys.executable, "-m", "shardgen.workers.queue.worker_main"], env))
     return children
 
 
@@ -136,9 +129,8 @@ class Supervisor:
         return 0
 
 
-def supervise(devices: list[str], worker_args: list[str], metrics_port: int | None, grace_s: float,
-              env: dict[str, str] | None = None) -> int:
+def supervise(devices: list[str], config: WorkerConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    children = child_commands(devices, worker_args, metrics_port, {**os.environ, **(env or {})})
+    children = child_commands(devices, config, dict(os.environ))
     log.warning("supervising %d worker(s) on %s", len(children), ", ".join(c.device for c in children))
-    return Supervisor(children, grace_s).run()
+    return Supervisor(children, config.runtime.grace_seconds).run()

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from .celery_app import TASK_NAME, app
+from .celery_app import TASK_NAME
 from .handler import WorkerContext, handle_message
 
-CONTEXT: WorkerContext | None = None
-"""Set once by worker_main, in the worker process, after the model is loaded."""
 
+def register(app: Any, ctx: WorkerContext) -> None:
+    """Register `shardgen.take_shard` on this worker's app, bound to its context (model loaded, store open)."""
 
-@app.task(name=TASK_NAME, ignore_result=True)
-def take_shard(payload: Any) -> str:
-    if CONTEXT is None:
-        raise RuntimeError("worker context not set: start workers with `shardgen worker`")
-    return handle_message(payload, CONTEXT)
+    @app.task(name=TASK_NAME, ignore_result=True)
+    def take_shard(payload: Any) -> str:
+        return handle_message(payload, ctx).value

@@ -2,27 +2,27 @@
 
 One process per device with Celery's solo pool: the model is loaded here, in the process that runs the
 tasks, and nothing forks after that (CUDA does not survive a fork). `shardgen worker --devices` starts one such
-process per device (supervisor.py).
+process per device (supervisor.py), each from a WorkerConfig handed over in its environment.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from typing import Any
 
-from shardgen.schemas.model import ModelSpec
-
-from ..generators import make_generator
+from ..generators import load_generator
 from ..lifecycle import policy
-from ..lifecycle.dispatch import CeleryWakeups
 from ..lifecycle.store import RunStore
-from ..models.loader import check_device, load_model
+from ..models.loader import check_device
 from ..redis_conn import broker_url, redact
 from . import tasks
-from .celery_app import configure, wake_queue
+from .celery_app import make_app, wake_queue
+from .config import CONFIG_ENV, WorkerConfig
 from .devices import claim_device
+from .doorbell import Doorbell
 from .handler import Shutdown, WorkerContext, watchdog_tick, worker_id
 from .heartbeat import Watchdog
 from .logs import configure_logging
@@ -30,51 +30,42 @@ from .metrics import WorkerMetrics
 
 log = logging.getLogger("shardgen.worker")
 
+def start_worker(config: WorkerConfig) -> None:
+    configure_logging(config.loglevel, config.log_format)
+    if config.storage_options:
+        from ..storage import set_storage_options
 
-def start_worker(
-    spec: ModelSpec,
-    *,
-    device: str = "auto",
-    batch_size: int | str = 16,
-    max_memory: str | None = None,
-    broker: str | None = None,
-    hf_token: str | None = None,
-    compile: bool = False,
-    loglevel: str = "INFO",
-    log_format: str = "text",
-    node_name: str | None = None,
-    grace_s: float = 30.0,
-    metrics_port: int | None = None,
-    console: Any = None,
-) -> None:
-    configure_logging(loglevel, log_format)
-    url = broker_url(broker)
+        set_storage_options(config.storage_options)
+    url = broker_url(config.broker)
     store = RunStore(url)  # fails with one clear line before the model is loaded if Redis is unreachable
-    device = check_device(claim_device(device))
+    device = check_device(claim_device(config.runtime.device))
     started = time.perf_counter()
-    loaded = load_model(spec, device, hf_token)
+    spec = config.model
+    loaded, generator = load_generator(spec, config.runtime, device=device)
     load_seconds = time.perf_counter() - started
     if loaded.info.get("note"):
         log.warning(loaded.info["note"])
-    generator = make_generator(loaded, batch_size, compile=compile, max_memory=max_memory)
+    app = make_app(url)
     ctx = WorkerContext(
-        loaded=loaded, generator=generator, store=store, wakeups=CeleryWakeups(configure(url), store.redis),
-        queue=spec.queue, device=device, worker_id=worker_id(device), shutdown=Shutdown(grace_s), metrics_port=metrics_port,
+        loaded=loaded, generator=generator, store=store, doorbell=Doorbell.of(store, app), queue=spec.queue,
+        device=device, worker_id=worker_id(device), shutdown=Shutdown(config.runtime.grace_seconds),
+        metrics_port=config.metrics_port,
     )
-    if metrics_port is not None:
+    if config.metrics_port is not None:
         ctx.metrics = WorkerMetrics(model=spec.model, device=device, queue=spec.queue, worker=ctx.worker_id)
         ctx.metrics.model_load_seconds.set(load_seconds)
-        ctx.metrics.serve(metrics_port)
-    log.warning("worker %s: %s (%s) on %s, batch %s, queue %s, broker %s%s", ctx.worker_id, spec.model, spec.quantize,
-                device, batch_size, spec.queue, redact(url), f", metrics on :{metrics_port}" if metrics_port else "")
-    serve(ctx, url, loglevel, node_name or f"shardgen-{spec.slug}-{device}@{socket.gethostname()}".replace(":", "-"))
+        ctx.metrics.serve(config.metrics_port, config.metrics_host)
+    log.warning("worker %s: %s (%s) on %s, %s, batch %s, queue %s, broker %s%s", ctx.worker_id, spec.model,
+                spec.quantize, device, getattr(generator, "name", "generator"), config.runtime.batch_size, spec.queue,
+                redact(url), f", metrics on :{config.metrics_port}" if config.metrics_port else "")
+    name = config.name or f"shardgen-{spec.slug}-{device}@{socket.gethostname()}".replace(":", "-")
+    serve(ctx, app, config.loglevel, name)
 
 
-def serve(ctx: WorkerContext, url: str, loglevel: str, name: str) -> None:
+def serve(ctx: WorkerContext, app: Any, loglevel: str, name: str) -> None:
     """Take shards from ctx.queue until a shutdown signal; the watchdog runs beside it."""
     _load_what_shards_use()
-    app = configure(url)
-    tasks.CONTEXT = ctx
+    tasks.register(app, ctx)
     _on_shutdown_signal(ctx.shutdown)
     watchdog = Watchdog(lambda: watchdog_tick(ctx), policy.heartbeat_interval(ctx.lease_ms)).start()
     try:
@@ -102,3 +93,18 @@ def _on_shutdown_signal(shutdown: Shutdown) -> None:
     from celery.signals import worker_shutting_down
 
     worker_shutting_down.connect(lambda **_: shutdown.request(), weak=False)
+
+
+def main() -> None:
+    """A supervised worker process: its WorkerConfig comes in the environment (supervisor.py)."""
+    from shardgen.schemas.errors import ShardgenError
+
+    try:
+        start_worker(WorkerConfig.from_json(os.environ[CONFIG_ENV]))
+    except ShardgenError as exc:
+        log.error("error: %s", exc.line())
+        raise SystemExit(exc.exit_code) from None
+
+
+if __name__ == "__main__":
+    main()

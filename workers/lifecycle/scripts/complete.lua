@@ -1,9 +1,14 @@
 -- Record an attempt's result as the shard's result, unless the shard already has one.
 -- ARGV: prefix, now, run, index, worker, attempt, result, rows, rows_failed, prompt_tokens, generated_tokens,
--- seconds, batch_halvings. Returns 'won', or 'duplicate' when another attempt's result was recorded first.
+-- seconds, batch_halvings. Returns 'done' when this attempt's result is the shard's result (also when this same
+-- completion arrives twice: redis-py sends a script again after a lost reply), or 'duplicate' when another
+-- attempt's result was recorded first.
 local run, index = ARGV[3], ARGV[4]
 local shard = load_shard(run, index)
-if shard.state == 'done' then return 'duplicate' end
+if shard.state == 'done' then
+  if shard.result == ARGV[7] and shard.result_attempt == tonumber(ARGV[6]) then return 'done' end
+  return 'duplicate'
+end
 -- A duplicate of this shard still running learns at its next lease renewal that it lost.
 drop_lease(run, index)
 set_state(run, index, shard, 'done')
@@ -26,4 +31,4 @@ redis.call('HINCRBY', key, 'prompt_tokens', ARGV[10])
 redis.call('HINCRBY', key, 'generated_tokens', ARGV[11])
 redis.call('HINCRBY', key, 'halvings', ARGV[13])
 end_run_if_finished(run)
-return 'won'
+return 'done'

@@ -1,6 +1,7 @@
 -- Shards whose worker stopped renewing its lease (killed, host gone) go back to the front of their queue,
 -- each exactly once whoever runs this; a shard whose workers keep dying fails for good.
--- ARGV: prefix, now. Returns a flat list: run|index, outcome ('requeued', 'failed' or 'cancelled'), ...
+-- ARGV: prefix, now. Returns a flat list: run|index, the state it moved the shard to ('queued', 'failed' or
+-- 'cancelled'), ...
 local expired = redis.call('ZRANGEBYSCORE', leases_key, '-inf', now * 1000, 'LIMIT', 0, 200)
 local out = {}
 for _, member in ipairs(expired) do
@@ -27,7 +28,7 @@ for _, member in ipairs(expired) do
         outcome = 'failed'
       else
         enqueue(run, index, shard, true)
-        outcome = 'requeued'
+        outcome = 'queued'
       end
       save_shard(run, index, shard)
       if outcome == 'failed' then end_run_if_finished(run) end
