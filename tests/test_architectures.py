@@ -13,9 +13,10 @@ import pytest
 from shardgen.schemas.model import ModelSpec
 from shardgen.schemas.sampling import SamplingParams
 from shardgen.workers import engine as engine_paths
-from shardgen.workers.engine.hf_generate import HFGenerate
+from shardgen.workers.generators.hf_generate import HFGenerate
 from shardgen.workers.generation import GenerationRequest
-from shardgen.workers.generators import GENERATOR_ENV, make_generator
+from shardgen.schemas.runtime import ENVIRONMENT, RuntimeOptions
+from shardgen.workers.generators import make_generator
 from shardgen.workers.models.loader import LoadedModel, load_model
 from tests.conftest import chat_ids
 from tests.test_engine import QUESTIONS
@@ -43,7 +44,7 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 @pytest.fixture(autouse=True)
 def default_generator(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(GENERATOR_ENV, raising=False)
+    monkeypatch.delenv(ENVIRONMENT["engine"], raising=False)
 
 
 def ragged_requests(tokenizer, seed_base: int = 0) -> list[GenerationRequest]:
@@ -98,7 +99,7 @@ def test_the_result_file_names_the_path_that_served_an_architecture(tmp_path):
     directory = build_architecture("gemma2", tmp_path / "gemma2")
     data = write_jsonl(tmp_path / "q.jsonl", [{"prompt": q} for q in QUESTIONS[:3]])
     spec = RunSpec(input=str(data), model=ModelSpec(model=str(directory)), params=SamplingParams(max_new_tokens=4))
-    run_embedded(spec, tmp_path / "out.parquet", device="cpu", batch_size=BATCH)
+    run_embedded(spec, tmp_path / "out.parquet", RuntimeOptions(device="cpu", batch_size=BATCH))
     loaded = load_model(ModelSpec(model=str(directory)), "cpu")
     generator = make_generator(loaded, BATCH)
     generator.generate(ragged_requests(loaded.tokenizer)[:2], SamplingParams(max_new_tokens=2))

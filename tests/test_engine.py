@@ -6,7 +6,7 @@ import torch
 from shardgen.schemas.errors import InvalidParameter
 from shardgen.schemas.sampling import SamplingParams
 from shardgen.workers.engine import PATH_BEAM_SEARCH, PATH_ENGINE, Engine, NewToken
-from shardgen.workers.engine.hf_generate import HFGenerate
+from shardgen.workers.generators.hf_generate import HFGenerate
 from shardgen.workers.engine.memory import CacheLayout, fit_batch_size, parse_memory_size
 from shardgen.workers.generation import (
     FINISH_LENGTH,
@@ -177,11 +177,12 @@ def test_eos_stops_unless_ignore_eos(tiny_loaded):
     assert ignored.token_ids == free.token_ids and ignored.finish_reason == FINISH_LENGTH
 
 
-def test_no_kv_cache_mode_gives_same_greedy_tokens(tiny_loaded):
+def test_the_kv_cache_gives_the_tokens_of_recomputing_every_sequence(tiny_loaded, tiny_reference):
+    """use_cache is accepted and has no effect because the cache changes nothing but the time taken."""
     requests = requests_for(tiny_loaded.tokenizer, 4)
     params = SamplingParams(max_new_tokens=6)
     cached = Engine(tiny_loaded, batch_size=2).generate(requests, params)
-    recomputed = Engine(tiny_loaded, batch_size=2, use_kv_cache=False).generate(requests, params)
+    recomputed = HFGenerate(tiny_reference, 1, use_cache=False).generate(requests, params)
     assert token_ids(cached) == token_ids(recomputed)
 
 
@@ -209,6 +210,49 @@ def test_should_stop_cancels_between_steps(tiny_loaded):
             requests, SamplingParams(max_new_tokens=4), on_output=lambda i, o: finished.append(i), should_stop=lambda: len(finished) >= 2
         )
     assert len(finished) == 2
+
+
+def test_should_stop_ends_a_beam_search_inside_its_batch(tiny_loaded):
+    """The transformers path (beam search, Mistral, Gemma2) honours should_stop at its next step, not at the end
+    of the batch: a cancel or a shutdown's grace does not wait for the whole generation."""
+    requests = requests_for(tiny_loaded.tokenizer, 2)
+    asked = []
+
+    def should_stop():
+        asked.append(1)
+        return len(asked) > 3  # the first checks pass, then stop
+    with pytest.raises(GenerationCancelled):
+        Engine(tiny_loaded).generate(requests, SamplingParams(max_new_tokens=200, num_beams=2, ignore_eos=True),
+                                     should_stop=should_stop)
+    assert 3 < len(asked) < 20, "stopped within a few steps of being asked, not after 200"
+
+
+class CountingTokenizer:
+    """A tokenizer that counts the token ids it is asked to decode."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.decoded = tokenizer, 0
+
+    def decode(self, tokens, **kwargs):
+        self.decoded += len(tokens)
+        return self.tokenizer.decode(tokens, **kwargs)
+
+
+@pytest.mark.parametrize("text", ["Hello, world! The capital of France is Paris.", "naïve café — 東京 😀 end"])
+def test_incremental_text_is_the_whole_decode_and_decodes_each_token_a_bounded_number_of_times(real_loaded, text):
+    from shardgen.workers.engine.stop import IncrementalText, StopScanner
+
+    tokenizer = CountingTokenizer(real_loaded.tokenizer)
+    ids = real_loaded.tokenizer(text * 8, add_special_tokens=False)["input_ids"]
+    incremental = IncrementalText(tokenizer)
+    for token in ids:
+        incremental.add(token)
+    assert incremental.text == real_loaded.tokenizer.decode(ids, skip_special_tokens=True)
+    assert tokenizer.decoded < 8 * len(ids), "decoding the whole text each step would cost len(ids)**2 / 2"
+    scanner = StopScanner(real_loaded.tokenizer, ["Paris.", "東京"])
+    hits = [scanner.add(token) for token in ids]
+    assert hits.index(True) == next(i for i in range(len(ids)) if any(
+        s in real_loaded.tokenizer.decode(ids[: i + 1]) for s in ("Paris.", "東京")))
 
 
 @pytest.mark.real_model
@@ -246,7 +290,7 @@ def test_batch_size_auto_refuses_a_budget_without_room_for_one_slot(tiny_loaded)
 @pytest.mark.parametrize("bad", [0, -3, "many", 2.5])
 def test_batch_size_must_be_positive_or_auto(tiny_loaded, bad):
     with pytest.raises(InvalidParameter, match="batch_size"):
-        Engine(tiny_loaded, batch_size=bad, pack_weights=False)
+        Engine(tiny_loaded, batch_size=bad)
 
 
 def test_fit_batch_size_divides_what_the_budget_leaves_by_a_slot():

@@ -109,7 +109,7 @@ def test_packing_lets_go_of_the_memory_mapped_checkpoint(tiny_model_dir, tmp_pat
 
 def _random_cache(loaded, slots=8, capacity=128) -> tuple[Engine, SlotCache]:
     engine = Engine(loaded, batch_size=slots)
-    cache = SlotCache(engine._layout, slots, capacity, "cpu")
+    cache = SlotCache(engine.runner.layout, slots, capacity, "cpu")
     torch.manual_seed(0)
     for tensor in cache.keys + cache.values:
         tensor.normal_()
@@ -119,10 +119,9 @@ def _random_cache(loaded, slots=8, capacity=128) -> tuple[Engine, SlotCache]:
 def test_forward_step_decodes_as_the_models_own_forward(tiny_loaded):
     assert unsupported_reason(tiny_loaded.model) is None
     engine, cache = _random_cache(tiny_loaded)
-    engine.cache = cache
     decode = [DecodeToken(row, 100 + row, 20 + 3 * row) for row in range(5)]
     with torch.inference_mode():
-        expected = engine._model_decode(decode)  # the model's forward over the slot cache (slot_attention)
+        expected = engine.runner._model_decode(cache, decode)  # the model's forward over the slot cache (slot_attention)
         expected_keys = [k[:5].clone() for k in cache.keys]
         positions = torch.tensor([token.position for token in decode])
         for tensor in cache.keys:
@@ -177,7 +176,7 @@ def test_models_the_step_does_not_know_keep_the_generic_path(tiny_loaded):
     try:
         model.config.model_type = "gpt_neox"
         assert "gpt_neox" in unsupported_reason(model)
-        assert Engine(tiny_loaded)._parts is None
+        assert Engine(tiny_loaded).runner.parts is None
     finally:
         model.config.model_type = original
 

@@ -229,3 +229,23 @@ def test_out_of_memory_under_auto_batch_returns_to_auto_for_the_next_shard(tmp_p
                             str(tmp_path / "a.parquet"))
     assert outcome.batch_halvings == 1 and outcome.rows == 4 and outcome.rows_failed == 0
     assert generator.engine.auto_batch  # not fixed at what the halving left
+
+
+@pytest.mark.parametrize("engine", ["shardgen", "hf-generate"])
+def test_a_max_length_without_room_is_that_rows_error_on_every_generator(tmp_path, spec, tiny_loaded, tiny_reference, engine):
+    """One rule for "no room to generate": the row fails with the reason (never an empty `length` answer), the
+    same on the engine and on transformers' generate, and the other rows are generated."""
+    from dataclasses import replace
+
+    from shardgen.workers.prompts import tokenize_row
+
+    loaded = tiny_loaded if engine == "shardgen" else tiny_reference
+    short, long = rows("hi", "a much longer prompt than the other one, with many more words in it")
+    lengths = [len(tokenize_row(loaded.tokenizer, row).ids) for row in (short, long)]
+    spec = replace(spec, params=SamplingParams(max_length=lengths[0] + 2, max_new_tokens=8))
+    outcome = process_shard(Shard(spec.run_id, 0, [short, long]), spec, loaded,
+                            make_generator(loaded, 4, engine=engine), str(tmp_path / "a.parquet"))
+    fitting, refused = pq.read_table(outcome.location).to_pylist()
+    assert fitting["error"] is None and fitting["generated_tokens"] == 2
+    assert refused["finish_reason"] == "error" and refused["generation"] is None
+    assert refused["error"].startswith(f"max_length={lengths[0] + 2} leaves no room to generate: the prompt alone has {lengths[1]}")

@@ -16,15 +16,15 @@ from typing import Any, Iterator, Mapping, Sequence
 from shardgen.schemas.errors import InvalidParameter
 from shardgen.schemas.model import QUANTIZATION_FIELDS, ModelSpec
 from shardgen.schemas.run import row_seed
+from shardgen.schemas.runtime import RuntimeOptions
 from shardgen.schemas.sampling import SamplingParams
 from shardgen.schemas.shard import InputRow
 
 from .engine import Finished, NewToken
-from .engine.stop import truncate_at_stop
-from .generation import GenerationOutput, GenerationRequest, Generator, Sample
-from .generators import make_generator
+from .engine.stop import IncrementalText, truncate_at_stop
+from .generation import GenerationOutput, GenerationRequest, Sample, request_error
+from .generators import load_generator
 from .models.default_model import DEFAULT_MODEL_ALIAS
-from .models.loader import LoadedModel, load_model
 from .prompts import tokenize_row
 
 Message = Mapping[str, Any]
@@ -67,6 +67,8 @@ class LLM:
 
     Accepts the names users bring from transformers and the classes shardgen replaces: `model_id` for `model`,
     `device=None` for auto, torch dtype objects (or a BitsAndBytesConfig) in `quantization_config`, `use_cache`.
+    How it runs (device, engine, batch size, memory budget, compile, token) is one RuntimeOptions, built as the
+    CLI builds it: what is given here, then the SHARDGEN_* environment, then the defaults.
     """
 
     def __init__(
@@ -75,23 +77,25 @@ class LLM:
         *,
         model_id: str | None = None,
         tokenizer: str | None = None,
-        device: str | None = "auto",
+        device: str | None = None,
+        engine: str | None = None,
+        batch_size: int | str | None = None,
+        max_memory: int | str | None = None,
+        compile: bool | None = None,
         quantize: str | bool | None = "none",
         quantization_config: Any = None,
-        batch_size: int = 16,
         dtype: Any = "auto",
         trust_remote_code: bool = False,
         hf_token: str | None = None,
         chat_template: bool = True,
         system_prompt: str | None = None,
-        use_cache: bool = True,
         **default_params: Any,
     ):
-        check_use_cache(use_cache)
-        default_params = without_use_cache(default_params)
         SamplingParams.from_mapping(default_params)  # refuse bad defaults before the slow load
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise InvalidParameter(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.runtime = RuntimeOptions.from_options({
+            "device": device, "engine": engine, "batch_size": batch_size, "max_memory": max_memory,
+            "compile": compile, "hf_token": hf_token,
+        })
         spec = ModelSpec(
             model=model_name(model, model_id),
             quantize=quantize,
@@ -99,16 +103,10 @@ class LLM:
             dtype=dtype_name(dtype),
             trust_remote_code=trust_remote_code,
         )
-        self.loaded: LoadedModel = load_model(spec, device, hf_token=hf_token, tokenizer_source=tokenizer)
-        self.generator: Generator = make_generator(self.loaded, batch_size)
+        self.loaded, self.generator = load_generator(spec, self.runtime, tokenizer_source=tokenizer)
         self.chat_template = chat_template
         self.system_prompt = system_prompt
         self.default_params = dict(default_params)
-
-    @property
-    def engine(self) -> Generator:
-        """The generator (kept under its former name)."""
-        return self.generator
 
     @property
     def tokenizer(self) -> Any:
@@ -122,10 +120,12 @@ class LLM:
 
     def params(self, **params: Any) -> SamplingParams:
         """The defaults given at construction, overridden by `params` (user names and aliases accepted)."""
-        return SamplingParams.from_mapping({**self.default_params, **without_use_cache(params)})
+        return SamplingParams.from_mapping({**self.default_params, **params})
 
     def generate(self, prompts: str | Sequence[str], **params: Any) -> list[Completion]:
-        """Complete each prompt (a user turn under the chat template, unless chat_template=False); input order."""
+        """Complete each prompt (a user turn under the chat template, unless chat_template=False); input order.
+        A prompt that cannot be generated from (longer than the context, no room under max_length) gets a
+        Completion with its `error` set; the others are generated."""
         if isinstance(prompts, str):
             prompts = [prompts]
         return self._run([[{"role": "user", "content": p}] for p in prompts], params)
@@ -137,22 +137,22 @@ class LLM:
         return self._run([list(c) for c in conversations], params)
 
     def stream(self, prompt: str | Sequence[Message], **params: Any) -> Iterator[str]:
-        """Yield the answer to one prompt (or conversation) in pieces as they are generated."""
+        """Yield the answer to one prompt (or conversation) in pieces as they are generated. A prompt that cannot
+        be generated from raises InvalidParameter with the reason."""
         sampling = self.params(**params)
         if sampling.n != 1:
             raise InvalidParameter(f"stream makes one sample, got n={sampling.n}", "use generate for several samples")
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         request = self._requests([messages], sampling)[0]
-        problem = no_room_error(sampling, len(request.prompt_ids))
+        problem = request_error(len(request.prompt_ids), sampling, self.loaded.context_length)
         if problem:
             raise InvalidParameter(problem)
-        tokens: list[int] = []
+        text = IncrementalText(self.tokenizer)
         sent = ""
         for event in self._events([request], sampling):
             if isinstance(event, NewToken):
-                tokens.append(event.token_id)
-                text, _ = truncate_at_stop(self._decode(tokens), sampling.stop)
-                ready = _settled_prefix(text, sampling.stop)
+                text.add(event.token_id)
+                ready = _settled_prefix(truncate_at_stop(text.text, sampling.stop)[0], sampling.stop)
                 if len(ready) > len(sent):
                     yield ready[len(sent) :]
                     sent = ready
@@ -163,30 +163,11 @@ class LLM:
                 if final.startswith(sent) and len(final) > len(sent):
                     yield final[len(sent) :]
 
-    def __call__(self, prompt_text: str, max_length: int | None = None) -> str:
-        """The answer to one prompt as a string (the old `Inference` interface)."""
-        completion = self.generate(prompt_text, max_length=max_length)[0]
-        if completion.error:
-            raise InvalidParameter(completion.error)
-        return completion.text
-
-    run = __call__
-
     def _run(self, conversations: list[list[Message]], params: Mapping[str, Any]) -> list[Completion]:
         sampling = self.params(**params)
         requests = self._requests(conversations, sampling)
-        outputs: list[GenerationOutput | None] = [None] * len(requests)
-        runnable = []
-        for index, request in enumerate(requests):
-            problem = no_room_error(sampling, len(request.prompt_ids))
-            if problem:
-                outputs[index] = GenerationOutput.failed(problem, len(request.prompt_ids))
-            else:
-                runnable.append(index)
-        generated = self.generator.generate([requests[i] for i in runnable], sampling) if runnable else []
-        for index, output in zip(runnable, generated):
-            outputs[index] = output
-        return [Completion.from_output(o, r.prompt_ids) for o, r in zip(outputs, requests)]  # type: ignore[arg-type]
+        outputs = self.generator.generate(requests, sampling) if requests else []
+        return [Completion.from_output(o, r.prompt_ids) for o, r in zip(outputs, requests)]
 
     def _events(self, requests: list[GenerationRequest], sampling: SamplingParams) -> Iterator[Any]:
         """Token events where the generator streams them; otherwise only the finished outputs."""
@@ -208,29 +189,12 @@ class LLM:
             requests.append(GenerationRequest(ids, seed=row_seed(base_seed, index)))
         return requests
 
-    def _decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
-
 
 def model_name(model: str | None, model_id: str | None) -> str:
     """`model`, or `model_id` as the classes shardgen replaces call it; the default model when neither is given."""
     if model is not None and model_id is not None and model != model_id:
         raise InvalidParameter(f"model {model!r} and model_id {model_id!r} disagree", "pass only one of them")
     return model or model_id or DEFAULT_MODEL_ALIAS
-
-
-def check_use_cache(value: Any) -> None:
-    """`use_cache` is accepted for code written for transformers. The engine always keeps a KV cache: the tokens
-    are the same with or without one, so switching it off would only make generation slower."""
-    if not isinstance(value, bool):
-        raise InvalidParameter(f"use_cache must be true or false, got {value!r}")
-
-
-def without_use_cache(params: Mapping[str, Any]) -> dict[str, Any]:
-    params = dict(params)
-    if "use_cache" in params:
-        check_use_cache(params.pop("use_cache"))
-    return params
 
 
 def dtype_name(value: Any) -> Any:
@@ -255,16 +219,6 @@ def plain_quantization_config(config: Any) -> dict[str, Any]:
             )
         config = {key: value for key, value in to_dict().items() if key in QUANTIZATION_FIELDS and value is not None}
     return {key: dtype_name(value) for key, value in config.items()}
-
-
-def no_room_error(params: SamplingParams, prompt_tokens: int) -> str | None:
-    """Why max_length leaves this prompt nothing to generate, or None when it leaves room."""
-    if params.new_token_budget(prompt_tokens) > 0:
-        return None
-    return (
-        f"max_length={params.max_length} leaves no room to generate: the prompt alone has {prompt_tokens} tokens "
-        f"(max_length counts the prompt and the answer); raise max_length above {prompt_tokens} or use max_new_tokens"
-    )
 
 
 def _settled_prefix(text: str, stop: Sequence[str]) -> str:

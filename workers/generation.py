@@ -63,16 +63,30 @@ class GenerationOutput:
 
 
 def prompt_too_long(prompt_tokens: int, context_length: int) -> str | None:
-    """Why a prompt cannot be generated from (no room left in the model's context), or None if it can.
-
-    Every generator and shard processing use this one check, so a row fails with the same message wherever it
-    is caught."""
+    """Why a prompt cannot be generated from (no room left in the model's context), or None if it can."""
     if prompt_tokens < context_length:
         return None
     return (
         f"prompt has {prompt_tokens} tokens; the model's context is {context_length} tokens, leaving no room to "
         "generate: shorten the prompt or pass --max-prompt-tokens"
     )
+
+
+def no_room_to_generate(prompt_tokens: int, params: SamplingParams) -> str | None:
+    """Why `max_length` leaves this prompt nothing to generate, or None when it leaves room."""
+    if params.new_token_budget(prompt_tokens) > 0:
+        return None
+    return (
+        f"max_length={params.max_length} leaves no room to generate: the prompt alone has {prompt_tokens} tokens "
+        f"(max_length counts the prompt and the answer); raise max_length above {prompt_tokens} or use max_new_tokens"
+    )
+
+
+def request_error(prompt_tokens: int, params: SamplingParams, context_length: int) -> str | None:
+    """Why a request cannot be generated, or None. Every generator asks this one question before generating, so a
+    row fails with the same message whichever generator, driver or API served it; the API raises it as
+    InvalidParameter where a caller asked for one answer."""
+    return prompt_too_long(prompt_tokens, context_length) or no_room_to_generate(prompt_tokens, params)
 
 
 class GenerationCancelled(RuntimeError):

@@ -20,8 +20,6 @@ class EngineStats:
     """Tokens decoded: the slots occupied in each decode step, summed."""
     slot_steps: int = 0
     """Slots the cache had in each decode step, summed: the most decode_tokens could have been."""
-    recomputed_tokens: int = 0
-    """Without a KV cache: positions computed again to decode (prompt and earlier tokens of every slot)."""
     slots: int = 0
     """KV cache slots of the latest call: the batch size it ran at."""
     cache_bytes: int = 0
@@ -34,8 +32,8 @@ class EngineStats:
 
     @property
     def computed_tokens(self) -> int:
-        """Token positions the model computed: prefill, decode and recomputation."""
-        return self.prefill_tokens + self.decode_tokens + self.recomputed_tokens
+        """Token positions the model computed: prefill and decode."""
+        return self.prefill_tokens + self.decode_tokens
 
     def copy(self) -> "EngineStats":
         return dataclasses.replace(self)

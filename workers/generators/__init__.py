@@ -1,40 +1,77 @@
-"""Pick the text generator a worker or embedded run uses."""
+"""The generators that can serve a model, behind one protocol (workers/generation.py), picked by `--engine`.
+
+    shardgen      shardgen's own engine (workers/engine): continuous batching over a slot KV cache
+    hf-generate   transformers' `generate` in static batches: the baseline, and the path for beam search
+    auto          shardgen's engine (vLLM's on a CUDA device, once it is a generator)
+    package.module:factory   a generator of your own: `factory(spec, runtime)` returns (LoadedModel, Generator)
+
+`load_generator` is what every driver calls (run, worker, the Python API, bench): it resolves the device and
+the engine from RuntimeOptions, loads the model the way that engine needs, and builds the generator.
+"""
 
 from __future__ import annotations
 
-import os
+import importlib
 
 from shardgen.schemas.errors import InvalidParameter
+from shardgen.schemas.model import ModelSpec
+from shardgen.schemas.runtime import AUTO, ENGINES, RuntimeOptions
 
-from .generation import Generator
-from .models.loader import LoadedModel
+from ..generation import Generator
+from ..models.loader import LoadedModel, check_device, load_model
 
-GENERATORS = ("engine", "hf-generate")
-GENERATOR_ENV = "SHARDGEN_GENERATOR"
 HF_BATCH_WITH_AUTO = 16
 """transformers' generate has no memory-sized batch: under batch_size="auto" it runs batches of this size."""
 
 
+def resolve_engine(engine: str, device: str) -> str:
+    """The engine `auto` stands for on this device."""
+    return "shardgen" if engine == AUTO else engine
+
+
+def load_generator(spec: ModelSpec, runtime: RuntimeOptions, *, tokenizer_source: str | None = None,
+                   device: str | None = None) -> tuple[LoadedModel, Generator]:
+    """Load `spec` on the runtime's device (or `device`, already chosen) and build the engine it asks for."""
+    device = check_device(device or runtime.device)
+    engine = resolve_engine(runtime.engine, device)
+    if ":" in engine:
+        return _factory(engine)(spec, runtime.replace(device=device, engine=engine))
+    loaded = load_model(spec, device, runtime.hf_token, tokenizer_source=tokenizer_source)
+    generator = make_generator(loaded, runtime.batch_size, engine=engine, compile=runtime.compile,
+                               max_memory=runtime.max_memory)
+    return loaded, generator
+
+
 def make_generator(
     loaded: LoadedModel,
-    batch_size: int | str,
+    batch_size: int | str = AUTO,
     *,
+    engine: str = "shardgen",
     compile: bool = False,
-    kind: str | None = None,
     max_memory: int | str | None = None,
 ) -> Generator:
-    """The engine by default; `hf-generate` (plain transformers generate) for comparison or debugging.
+    """shardgen's engine or transformers' generate over a model loaded with transformers.
 
     `batch_size` is a number of sequences, or "auto": the engine then sizes its KV cache per call to fit
     `max_memory` (bytes or a size such as "8GiB"; default: what the process holds plus what the device has free).
     """
-    kind = kind or os.environ.get(GENERATOR_ENV) or "engine"
-    if kind == "hf-generate":
-        from .engine.hf_generate import HFGenerate
+    if engine == "hf-generate":
+        from .hf_generate import HFGenerate
 
-        return HFGenerate(loaded, batch_size=HF_BATCH_WITH_AUTO if batch_size == "auto" else batch_size)
-    if kind == "engine":
-        from .engine import Engine
+        return HFGenerate(loaded, batch_size=HF_BATCH_WITH_AUTO if batch_size == AUTO else batch_size)
+    if engine in ("shardgen", AUTO):
+        from ..engine import Engine
 
         return Engine(loaded, batch_size=batch_size, compile=compile, max_memory=max_memory)
-    raise InvalidParameter(f"unknown generator {kind!r} in {GENERATOR_ENV}", f"use one of {', '.join(GENERATORS)}")
+    raise InvalidParameter(f"engine {engine!r} does not run over a transformers model", f"use one of {', '.join(ENGINES)}")
+
+
+def _factory(path: str):
+    module_name, _, attribute = path.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise InvalidParameter(f"engine {path!r} cannot be imported ({exc})", "give an importable package.module:factory") from None
+    if not callable(factory):
+        raise InvalidParameter(f"engine {path!r} is not callable", "name a function factory(spec, runtime)")
+    return factory

@@ -7,6 +7,7 @@ import time
 from typing import Callable, Sequence
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from shardgen.schemas.sampling import SamplingParams
 
@@ -19,22 +20,36 @@ from ..generation import (
     OnOutput,
     Sample,
     TokenLogprobs,
-    prompt_too_long,
+    request_error,
 )
 from ..models.loader import LoadedModel
-from .sampling import token_logprobs
-from .stop import truncate_at_stop
+from ..engine.sampling import token_logprobs
+from ..engine.stop import truncate_at_stop
+
+
+class _StopWhenAsked(StoppingCriteria):
+    """Ends a `generate` call at the next step once `should_stop` turns true (cancel, a shutdown's grace over)."""
+
+    def __init__(self, should_stop: Callable[[], bool]):
+        self.should_stop, self.asked = should_stop, False
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        self.asked = self.asked or bool(self.should_stop())
+        return torch.full((input_ids.shape[0],), self.asked, dtype=torch.bool, device=input_ids.device)
 
 
 class HFGenerate:
     name = "hf-generate"
 
-    def __init__(self, loaded: LoadedModel, batch_size: int = 16, *, seed_per_request: bool = True):
+    def __init__(self, loaded: LoadedModel, batch_size: int = 16, *, seed_per_request: bool = True,
+                 use_cache: bool = True):
         """`seed_per_request` runs sampled requests one at a time, each from its own seed, so a row's text does
-        not depend on the rows beside it; the benchmark turns it off to measure plain batched `generate`."""
+        not depend on the rows beside it; the benchmark turns it off to measure plain batched `generate`, and
+        turns `use_cache` off to measure what a KV cache saves."""
         self.loaded = loaded
         self.batch_size = batch_size
         self.seed_per_request = seed_per_request
+        self.use_cache = use_cache
 
     def generate(
         self,
@@ -53,26 +68,25 @@ class HFGenerate:
             if should_stop is not None and should_stop():
                 raise GenerationCancelled(f"stopped with {len(requests) - start} requests unfinished")
             batch = requests[start : start + step]
-            for offset, output in enumerate(self._generate_batch(batch, params)):
+            for offset, output in enumerate(self._generate_batch(batch, params, should_stop)):
                 outputs.append(output)
                 if on_output:
                     on_output(start + offset, output)
         return outputs
 
-    def generation_kwargs(self, params: SamplingParams) -> dict:
+    def generation_kwargs(self, params: SamplingParams, budget: int) -> dict:
         tokenizer = self.loaded.tokenizer
         eos = list(self.loaded.eos_token_ids) + list(params.stop_token_ids)
         kwargs = dict(
-            max_new_tokens=params.max_new_tokens,
+            max_new_tokens=budget,
             do_sample=not params.greedy,
             num_return_sequences=params.n,
             num_beams=params.num_beams,
             repetition_penalty=params.repetition_penalty,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=None if params.ignore_eos else eos,
+            use_cache=self.use_cache,
         )
-        if params.max_length is not None:
-            kwargs["max_length"] = params.max_length
         if params.num_beams > 1:
             kwargs.update(length_penalty=params.length_penalty, early_stopping=params.early_stopping)
         if not params.greedy:
@@ -84,34 +98,49 @@ class HFGenerate:
             )
         return kwargs
 
-    def _generate_batch(self, batch: Sequence[GenerationRequest], params: SamplingParams) -> list[GenerationOutput]:
-        """Outputs of a batch in order; prompts that leave no room in the context fail alone."""
-        outputs: list[GenerationOutput | None] = []
-        runnable = []
-        for request in batch:
-            error = prompt_too_long(len(request.prompt_ids), self.loaded.context_length)
-            outputs.append(None if error is None else GenerationOutput.failed(error, len(request.prompt_ids)))
-            if error is None:
-                runnable.append(request)
-        generated = iter(self._generate(runnable, params) if runnable else [])
-        return [output if output is not None else next(generated) for output in outputs]
+    def _generate_batch(self, batch: Sequence[GenerationRequest], params: SamplingParams,
+                        should_stop: Callable[[], bool] | None) -> list[GenerationOutput]:
+        """Outputs of a batch in order; prompts that leave no room to generate fail alone. Prompts whose token
+        budgets differ (max_length, the context) generate in separate calls, each to its own budget: generate's
+        own max_length would count the batch's padding."""
+        outputs: list[GenerationOutput | None] = [None] * len(batch)
+        by_budget: dict[int, list[int]] = {}
+        for position, request in enumerate(batch):
+            prompt_tokens = len(request.prompt_ids)
+            error = request_error(prompt_tokens, params, self.loaded.context_length)
+            if error is not None:
+                outputs[position] = GenerationOutput.failed(error, prompt_tokens)
+            else:
+                budget = min(params.new_token_budget(prompt_tokens), self.loaded.context_length - prompt_tokens)
+                by_budget.setdefault(budget, []).append(position)
+        for budget, positions in by_budget.items():
+            generated = self._generate([batch[p] for p in positions], params, budget, should_stop)
+            for position, output in zip(positions, generated):
+                outputs[position] = output
+        return outputs  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _generate(self, batch: Sequence[GenerationRequest], params: SamplingParams) -> list[GenerationOutput]:
+    def _generate(self, batch: Sequence[GenerationRequest], params: SamplingParams, budget: int,
+                  should_stop: Callable[[], bool] | None) -> list[GenerationOutput]:
         loaded = self.loaded
         width = max(len(r.prompt_ids) for r in batch)
         pad = loaded.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch])
         attention = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch])
-        kwargs = self.generation_kwargs(params)
+        kwargs = self.generation_kwargs(params, budget)
         if params.logprobs is not None:
             kwargs.update(output_logits=True, return_dict_in_generate=True)
+        stop = _StopWhenAsked(should_stop) if should_stop is not None else None
+        if stop is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([stop])
         torch.manual_seed(batch[0].seed)
         started = time.perf_counter()
         generated = loaded.model.generate(
             input_ids=input_ids.to(loaded.device), attention_mask=attention.to(loaded.device), **kwargs
         )
         elapsed = time.perf_counter() - started
+        if stop is not None and stop.asked:
+            raise GenerationCancelled(f"stopped during a batch of {len(batch)} requests")
         sequences = generated.sequences if params.logprobs is not None else generated
         new_tokens = sequences[:, width:].tolist()
         logprobs = self._logprobs(generated.logits, sequences[:, width:], params.logprobs) if params.logprobs is not None else None

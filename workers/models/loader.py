@@ -158,10 +158,11 @@ def load_model(
         torch, spec.dtype
     )
     token = hf_token or os.environ.get("HF_TOKEN") or None
-    if not resolved.local:
-        check_hub_reachable(resolved.source, spec.revision, token)
+    offline = not resolved.local and not check_hub_reachable(resolved.source, spec.revision, token)
     resolved, checkpoint_method = _quantized_source(spec, resolved, device, token)
     common: dict[str, Any] = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code, "token": token}
+    if offline:
+        common["local_files_only"] = True  # the hub is out of reach, the model is in its cache
     started = time.perf_counter()
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source or resolved.source, **common)
@@ -209,8 +210,9 @@ def _quantized_source(spec: ModelSpec, resolved: ResolvedModel, device: str, tok
     return ResolvedModel(str(calibrated), note=f"GPTQ checkpoint calibrated into {calibrated}"), "compressed-tensors"
 
 
-def check_hub_reachable(repo_id: str, revision: str | None, token: str | None) -> None:
-    """Fail in a second, with one line, when the hub cannot be reached or refuses us, unless the model is cached.
+def check_hub_reachable(repo_id: str, revision: str | None, token: str | None) -> bool:
+    """True when the hub answers for this model; False when it cannot be reached but the model is cached (load
+    it from the cache); fails in a second, with one line, when it refuses us or the model is not cached.
 
     transformers would otherwise retry for over a minute before saying the same thing.
     """
@@ -227,13 +229,13 @@ def check_hub_reachable(repo_id: str, revision: str | None, token: str | None) -
         raise ModelError(f"model {repo_id} has no revision {revision}", "check --revision") from None
     except Exception as exc:  # network errors come in several types (httpx, OSError)
         if huggingface_hub.try_to_load_from_cache(repo_id, "config.json", revision=revision) is not None:
-            os.environ["HF_HUB_OFFLINE"] = "1"  # cached earlier: serve it without the network
-            return
+            return False
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelError(
             f"cannot reach the Hugging Face hub for model {repo_id} ({reason})",
             "check the network, or pass a local checkpoint directory with --model",
         ) from None
+    return True
 
 
 def _load_error(name: str, resolved: ResolvedModel, exc: Exception) -> ModelError:

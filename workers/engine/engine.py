@@ -1,0 +1,273 @@
+"""shardgen's engine: continuous batching over a slot KV cache, prompts prefilled in chunks between decodes.
+
+One call's loop, in full:
+
+    scheduler.admit()                         waiting requests take free cache rows      (scheduler.py)
+    decoding, chunks = scheduler.plan()       a token per decoding slot, prompt chunks   (scheduler.py)
+    logits = runner.forward(...)              one forward over the packed step           (model_runner.py)
+    choose(decoding, logits)                  next tokens, logprobs, finish reasons      (sampling.py, stop.py)
+    choose(prompts completed, their logits)   the first token of each prompt just prefilled
+    scheduler.retire()                        finished samples leave, requests complete
+
+The KV cache is sized per call (cache_sizing.py). On the CPU the model's float32 linear layers are packed for
+oneDNN once (packed_linear). Beam search, and architectures whose cache the engine cannot hold, go through
+transformers' generate (generators/hf_generate); `last_path` names the path that ran.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from shardgen.schemas.errors import InvalidParameter
+from shardgen.schemas.sampling import SamplingParams
+
+from ..generation import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    EngineOOM,
+    GenerationCancelled,
+    GenerationOutput,
+    GenerationRequest,
+    OnOutput,
+    TokenLogprobs,
+    request_error,
+)
+from ..models.loader import LoadedModel
+from .cache_sizing import AUTO, DEFAULT_BATCH_SIZE, CacheSizer
+from .memory import parse_memory_size
+from .model_runner import ModelRunner
+from .packed_linear import pack_linears
+from .sampling import next_tokens, token_logprobs
+from .scheduler import Event, Finished, NewToken, Scheduler, Slot
+from .stats import EngineStats
+
+PATH_ENGINE = "engine"
+PATH_BEAM_SEARCH = "hf-generate (beam search)"
+PATH_UNSUPPORTED_CACHE = "hf-generate (model cache layout not supported by the engine)"
+
+DEFAULT_STEP_TOKENS = 512
+"""Tokens per forward (decode tokens plus prefill chunks). On a CPU a step costs about the same per token
+whatever its mix, so this mainly bounds how long decoding slots wait while prompts prefill."""
+
+
+class Engine:
+    name = "engine"
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        batch_size: int | str = AUTO,
+        max_memory: int | str | None = None,
+        step_tokens: int = DEFAULT_STEP_TOKENS,
+        compile: bool = False,
+    ):
+        """`batch_size` is a number of slots, or "auto": per call, as many as the KV cache at that call's longest
+        sequence fits in `max_memory` (bytes or a size such as "8GiB"; by default what the process holds plus
+        what the device has free). On the CPU the model's float32 linear layers are packed in place (see
+        packed_linear): the engine owns the model from then on."""
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.device = torch.device(loaded.device)
+        self.batch_size = batch_size
+        if not isinstance(step_tokens, int) or step_tokens < 1:
+            raise InvalidParameter(f"step_tokens must be a positive integer, got {step_tokens!r}")
+        self.step_tokens = step_tokens
+        self.stats = EngineStats()
+        self.last_path = PATH_ENGINE
+        if loaded.info.get("checkpoint_quantization") == "compressed-tensors":
+            _materialize_weights(loaded)
+        self.packing = pack_linears(loaded.model) if not compile else None
+        """What packing replaced (None under compile: torch.compile cannot trace packed weights)."""
+        self.runner = ModelRunner(loaded.model, self.device, compile=compile)
+        self.compiled = compile
+        vocab = loaded.model.get_output_embeddings().weight.shape[0]
+        budget = None if max_memory is None else parse_memory_size(max_memory)
+        self.sizer = CacheSizer(self.runner.layout, self.device, vocab, budget) if self.runner.supported else None
+        self.seen: torch.Tensor | None = None  # [slots, V] bool: tokens each slot has seen (repetition penalty)
+
+    # ----------------------------------------------------------------- public API
+
+    @property
+    def batch_size(self) -> int:
+        """Slots of the KV cache: the fixed number, or under "auto" the number the latest call chose."""
+        return self.stats.slots if self._batch_size == AUTO else self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int | str) -> None:
+        """A number fixes the slots (halving after running out of memory does this); "auto" sizes them per call."""
+        if value != AUTO and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise InvalidParameter(f"batch_size must be a positive integer or {AUTO!r}, got {value!r}")
+        self._batch_size = value
+
+    @property
+    def auto_batch(self) -> bool:
+        return self._batch_size == AUTO
+
+    @property
+    def cache(self):  # the current SlotCache, or None
+        return self.sizer.cache if self.sizer is not None else None
+
+    def free_cache(self) -> None:
+        """Give back the KV cache between calls (the next call allocates what it needs)."""
+        if self.sizer is not None:
+            self.sizer.free()
+        self.seen = None
+
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        params: SamplingParams,
+        *,
+        on_output: OnOutput | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[GenerationOutput]:
+        outputs: list[GenerationOutput | None] = [None] * len(requests)
+        for event in self.events(requests, params, should_stop=should_stop):
+            if isinstance(event, Finished):
+                outputs[event.index] = event.output
+                if on_output:
+                    on_output(event.index, event.output)
+        return outputs  # type: ignore[return-value]
+
+    def events(
+        self,
+        requests: Sequence[GenerationRequest],
+        params: SamplingParams,
+        *,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[Event]:
+        """Tokens as they are produced and outputs as requests finish (any order; outputs name their index)."""
+        if params.num_beams > 1 or not self.runner.supported:
+            yield from self._via_hf_generate(requests, params, should_stop)
+            return
+        self.last_path = PATH_ENGINE
+        try:
+            yield from self._continuous_batches(requests, params, should_stop)
+        except torch.OutOfMemoryError as exc:
+            raise EngineOOM(f"out of device memory at batch size {self.batch_size}: {exc}") from exc
+        except RuntimeError as exc:
+            if "can't allocate memory" in str(exc) or "out of memory" in str(exc):
+                raise EngineOOM(f"out of memory at batch size {self.batch_size}: {exc}") from exc
+            raise
+
+    # ----------------------------------------------------------------- the loop
+
+    def _continuous_batches(
+        self, requests: Sequence[GenerationRequest], params: SamplingParams, should_stop: Callable[[], bool] | None
+    ) -> Iterator[Event]:
+        waiting = []
+        for index, request in enumerate(requests):
+            error = request_error(len(request.prompt_ids), params, self.loaded.context_length)
+            if error is not None:
+                yield Finished(index, GenerationOutput.failed(error, len(request.prompt_ids)))
+            else:
+                waiting.append(index)
+        if not waiting:
+            return
+        budget = lambda request: self._budget(request, params)  # noqa: E731
+        longest = max(len(requests[i].prompt_ids) + budget(requests[i]) for i in waiting)
+        capacity = self._prepare(len(waiting) * params.n, params, longest)
+        scheduler = Scheduler(requests, waiting, params, capacity, budget, self.cache, self.seen, self.tokenizer,
+                              self.device)
+        with torch.inference_mode():
+            while scheduler.busy:
+                if should_stop is not None and should_stop():
+                    raise GenerationCancelled(f"stopped with {scheduler.unfinished} requests unfinished")
+                scheduler.admit()
+                decoding, chunks = scheduler.plan(self.step_tokens, self.runner.chunked_prefill)
+                self._count(decoding, chunks)
+                logits = self.runner.forward(self.cache, [slot.decode_token() for slot in decoding], chunks)
+                # logits: [len(decoding) + prompts completed, V]
+                yield from self._choose(decoding, logits[: len(decoding)], params)
+                for offset, samples in enumerate(scheduler.prefilled(chunks)):
+                    row_logits = logits[len(decoding) + offset : len(decoding) + offset + 1]
+                    yield from self._choose(samples, row_logits.expand(len(samples), -1), params)
+                yield from scheduler.retire()
+
+    def _budget(self, request: GenerationRequest, params: SamplingParams) -> int:
+        prompt_tokens = len(request.prompt_ids)
+        return min(params.new_token_budget(prompt_tokens), self.loaded.context_length - prompt_tokens)
+
+    def _choose(self, chosen: list[Slot], logits: torch.Tensor, params: SamplingParams) -> Iterator[Event]:
+        """Next token of each slot, its logprobs, and whether the slot is finished."""
+        # logits: [len(chosen), V], row i for chosen[i]
+        if not chosen:
+            return
+        seen = rows = None
+        if self.seen is not None:
+            rows = torch.tensor([slot.row for slot in chosen], device=self.device)
+            seen = self.seen[rows]  # [len(chosen), V]
+        generators = None if params.greedy else [slot.generator for slot in chosen]
+        tokens = next_tokens(logits, params, generators, seen)  # [len(chosen)]
+        if rows is not None:
+            self.seen[rows, tokens] = True
+        per_token = _logprobs(logits, tokens, params.logprobs) if params.logprobs is not None else None
+        now = time.perf_counter()
+        for position, (slot, token) in enumerate(zip(chosen, tokens.tolist())):
+            slot.tokens.append(token)
+            if per_token is not None:
+                slot.logprobs.append(per_token[position])
+            slot.finish_reason = self._finish_reason(slot, token, params)
+            yield NewToken(slot.index, slot.sample, token, now)
+
+    def _finish_reason(self, slot: Slot, token: int, params: SamplingParams) -> str | None:
+        if token in params.stop_token_ids or (token in self.loaded.eos_token_ids and not params.ignore_eos):
+            return FINISH_STOP
+        if slot.stop is not None and slot.stop.add(token):
+            return FINISH_STOP
+        if len(slot.tokens) >= slot.budget:
+            return FINISH_LENGTH
+        return None
+
+    def _count(self, decoding: list[Slot], chunks: list) -> None:
+        stats = self.stats
+        stats.forwards += 1
+        stats.prefill_tokens += sum(len(chunk.token_ids) for chunk in chunks)
+        if decoding:
+            stats.decode_steps += 1
+            stats.decode_tokens += len(decoding)
+            stats.slot_steps += stats.slots
+
+    # ----------------------------------------------------------------- setup
+
+    def _prepare(self, wanted_slots: int, params: SamplingParams, longest: int) -> int:
+        """Size the KV cache (and the repetition-penalty state) for a call; the slots to fill."""
+        slots = self.sizer.prepare(self._batch_size, wanted_slots, params.n, longest)
+        if params.repetition_penalty != 1.0:
+            if self.seen is None or self.seen.shape[0] < slots:
+                vocab = self.loaded.model.get_output_embeddings().weight.shape[0]
+                self.seen = torch.zeros(slots, vocab, dtype=torch.bool, device=self.device)
+        else:
+            self.seen = None
+        self.stats.slots = slots
+        self.stats.cache_bytes = self.cache.nbytes
+        return slots
+
+    def _via_hf_generate(self, requests: Sequence[GenerationRequest], params: SamplingParams,
+                         should_stop: Callable[[], bool] | None) -> Iterator[Event]:
+        from ..generators.hf_generate import HFGenerate
+
+        self.last_path = PATH_BEAM_SEARCH if params.num_beams > 1 else PATH_UNSUPPORTED_CACHE
+        hf = HFGenerate(self.loaded, DEFAULT_BATCH_SIZE if self.auto_batch else self._batch_size)
+        for start in range(0, len(requests), hf.batch_size):
+            batch = requests[start : start + hf.batch_size]
+            for offset, output in enumerate(hf.generate(batch, params, should_stop=should_stop)):
+                yield Finished(start + offset, output)
+
+
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprobs]:
+    chosen, top_values, top_ids = (t.tolist() for t in token_logprobs(logits, tokens, top))
+    return [
+        TokenLogprobs(token, logprob, tuple(ids), tuple(values))
+        for token, logprob, ids, values in zip(tokens.tolist(), chosen, top_ids, top_values)
+    ]
+
+
+@torch.no_grad()
+def _materialize_weights(loaded: LoadedModel) -> None:
+    """compressed-tensors checkpoints build their dense weights on the first forward; packing needs them."""
+    loaded.model(input_ids=torch.tensor([[loaded.tokenizer.eos_token_id or 0]], device=loaded.device))
