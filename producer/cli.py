@@ -11,6 +11,7 @@ import click
 
 from shardgen.schemas.errors import BrokerError, ShardgenError
 from shardgen.schemas.model import DTYPES, QUANTIZE_METHODS
+from shardgen.schemas.runtime import DEFAULT_GRACE_SECONDS, DEFAULT_STALL_SECONDS
 
 from shardgen.workers import BROKER_ENV, DEFAULT_BROKER_URL
 
@@ -115,22 +116,27 @@ class BatchSizeType(click.ParamType):
     name = "N|auto"
 
     def convert(self, value: Any, param: Any, ctx: Any) -> int | str:
-        if isinstance(value, int) or str(value).lower() == "auto":
-            return value if isinstance(value, int) else "auto"
+        from shardgen.schemas.errors import InvalidParameter
+        from shardgen.schemas.runtime import parse_batch_size
+
         try:
-            number = int(value)
-        except ValueError:
-            self.fail(f"{value!r} is neither a number nor auto", param, ctx)
-        if number < 1:
-            self.fail(f"{number} is not a positive number of sequences", param, ctx)
-        return number
+            return parse_batch_size(value)
+        except InvalidParameter:
+            self.fail(f"{value!r} is neither a positive number of sequences nor auto", param, ctx)
 
 
 runtime_options = _options(
-    click.option("--device", help="cpu, cuda or cuda:N; auto takes a GPU no other worker of this host holds, else cpu [default: auto]."),
+    click.option("--device", help="cpu, cuda or cuda:N; auto takes a GPU no other worker of this host holds, else cpu "
+                 "[default: auto; env SHARDGEN_DEVICE]."),
+    click.option("--engine", help="What generates: shardgen (its own engine), vllm, hf-generate (transformers' "
+                 "generate), auto (vllm on a CUDA device when installed, else shardgen), or package.module:factory "
+                 "[default: auto; env SHARDGEN_ENGINE]."),
     click.option("--batch-size", type=BatchSizeType(),
-                 help="Sequences decoded together, or auto: the most whose KV cache fits --max-memory [default: 16 for run, auto for worker]."),
-    click.option("--max-memory", help="Memory budget for --batch-size auto, e.g. 8GiB [default: the device's free memory]."),
+                 help="Sequences decoded together, or auto: the most whose KV cache fits --max-memory "
+                 "[default: auto; env SHARDGEN_BATCH_SIZE]."),
+    click.option("--max-memory", help="Memory budget for --batch-size auto, e.g. 8GiB [default: the device's free "
+                 "memory; env SHARDGEN_MAX_MEMORY]."),
+    click.option("--compile", is_flag=True, default=None, help="torch.compile the decode step where it helps."),
 )
 
 
@@ -169,21 +175,22 @@ class LazyGroup(click.Group):
 
     lazy_commands = {
         "bench": "shardgen.producer.bench:bench",
-        "bench-quant": "shardgen.producer.bench_quant:bench_quant",
-        "bench-queue": "shardgen.producer.bench_queue:bench_queue",
-        "bench-submit": "shardgen.producer.bench_submit:bench_submit",
-        "bench-fleet": "shardgen.producer.bench_fleet:bench_fleet",
         "quantize": "shardgen.producer.quantize:quantize",
         "score": "shardgen.producer.score:score",
     }
+    old_names = {"bench-quant": "quant", "bench-queue": "queue", "bench-submit": "submit", "bench-fleet": "fleet"}
+    """Earlier names of the bench subcommands, still accepted (not listed): `bench-queue` is `bench queue`."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.lazy_commands])
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name in self.lazy_commands:
-            import importlib
+        import importlib
 
+        if name in self.old_names:
+            bench = importlib.import_module("shardgen.producer.bench")
+            return bench.bench.get_command(ctx, self.old_names[name])
+        if name in self.lazy_commands:
             module, attribute = self.lazy_commands[name].split(":")
             return getattr(importlib.import_module(module), attribute)
         return super().get_command(ctx, name)
@@ -215,7 +222,6 @@ def cli() -> None:
 @runtime_options
 @storage_option
 @result_options
-@click.option("--compile", is_flag=True, default=None, help="torch.compile the decode step where it helps.")
 @click.option("--show", type=int, default=5, show_default=True, help="Result rows to show in the closing table (0: none).")
 @config_option
 @one_line_errors
@@ -237,11 +243,7 @@ def run(show: int, score: bool, metrics: tuple[str, ...], row_metadata: bool, **
     summary = run_embedded(
         spec,
         output,
-        device=options.get("device") or "auto",
-        batch_size=_batch_size(options.get("batch_size", 16)),
-        max_memory=options.get("max_memory"),
-        hf_token=options.get("hf_token"),
-        compile=bool(options.get("compile")),
+        config_mod.build_runtime(options),
         score_metrics=metrics if score else None,
         row_metadata=row_metadata,
         console=console.get(),
@@ -309,16 +311,6 @@ def _show_results(output: str, output_column: str, limit: int) -> None:
     )
 
 
-def _batch_size(value: Any) -> int | str:
-    """A positive integer or "auto", from a flag or a TOML file."""
-    try:
-        if isinstance(value, bool):
-            raise click.BadParameter(f"{value!r} is neither a number nor auto")
-        return BatchSizeType().convert(value, None, None)
-    except click.BadParameter as exc:
-        raise ShardgenError(f"batch_size: {exc.message}", "pass a positive number or auto") from None
-
-
 # ---------------------------------------------------------------- submit
 @cli.command()
 @input_options
@@ -380,11 +372,13 @@ def retry(run_id: str, broker: str | None, storage_options: str | None) -> None:
     """
     from shardgen.schemas.layout import RunLayout
     from shardgen.workers.lifecycle import redo_run
+    from shardgen.workers.queue.doorbell import Doorbell
 
     _use_storage_options(storage_options)
     store = _store(broker)
     record = store.record(run_id, details=False)
-    requeued = redo_run(store, store.wakeups(), RunLayout(record.work_dir, run_id, record.spec.shard_size))
+    requeued = redo_run(store, RunLayout(record.work_dir, run_id, record.spec.shard_size))
+    Doorbell.of(store).ring(record.queue)
     if not requeued:
         console.print(f"run {run_id} has nothing to retry: every shard is done or running")
         return
@@ -410,21 +404,24 @@ def cancel(run_id: str, broker: str | None) -> None:
 @model_options
 @hf_token_option
 @runtime_options
-@click.option("--compile", is_flag=True, default=None, help="torch.compile the decode step where it helps.")
 @broker_option
 @storage_option
-@click.option("--grace-seconds", type=click.FloatRange(min=0), default=25.0, show_default=True,
-              help="On SIGTERM/SIGINT, stop taking shards, let the running one finish for this long, then give it back to its queue at once.")
+@click.option("--grace-seconds", type=click.FloatRange(min=0),
+              help="On SIGTERM/SIGINT, stop taking shards, let the running one finish for this long, then give it back "
+              f"to its queue at once [default: {DEFAULT_GRACE_SECONDS:g}; env SHARDGEN_GRACE_SECONDS].")
+@click.option("--stall-seconds", type=click.FloatRange(min=0),
+              help="Give up a shard that makes no progress (no token, no row) for this long [default: "
+              f"{DEFAULT_STALL_SECONDS:g}; env SHARDGEN_STALL_SECONDS].")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), help="Serve Prometheus metrics on this port (/metrics); "
               "with --devices, the workers use PORT, PORT+1, ...")
-@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
-              help="json: one JSON object per line, with the run id and shard of the record.")
-@click.option("--loglevel", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
-@click.option("--name", "node_name", help="Worker node name [default: shardgen-MODEL-DEVICE@HOST].")
+@click.option("--metrics-host", help="Address the metrics server binds [default: 0.0.0.0, every interface].")
+@click.option("--log-format", type=click.Choice(["text", "json"]),
+              help="text, or json: one JSON object per line, with the run id and shard of the record [default: text].")
+@click.option("--loglevel", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), help="[default: INFO]")
+@click.option("--name", help="Worker node name [default: shardgen-MODEL-DEVICE@HOST].")
 @config_option
 @one_line_errors
-def worker(devices: str | None, loglevel: str, node_name: str | None, grace_seconds: float, metrics_port: int | None,
-           log_format: str, **kwargs: Any) -> None:
+def worker(devices: str | None, **kwargs: Any) -> None:
     """Serve one model: load it once per device, then process shards from its queue until stopped.
 
     `--devices all` runs one worker per GPU of this node (one command per node); without it, one worker runs
@@ -432,54 +429,24 @@ def worker(devices: str | None, loglevel: str, node_name: str | None, grace_seco
     gives the running shard back to its queue within --grace-seconds, so no shard waits for a lease to expire.
     """
     quiet_libraries()
+    from shardgen.workers import WorkerConfig
+
     options = _collect_options(kwargs)
-    spec = config_mod.build_model_spec(options)  # a bad model option is refused here, not in every child
-    batch_size = _batch_size(options.get("batch_size", "auto"))
+    settings = ("broker", "metrics_port", "metrics_host", "log_format", "loglevel", "name", "storage_options")
+    config = WorkerConfig(
+        model=config_mod.build_model_spec(options),  # a bad option is refused here, not in every child
+        runtime=config_mod.build_runtime(options),
+        **{key: options[key] for key in settings if options.get(key) is not None},
+    )
     if devices:
         from shardgen.workers import parse_devices, supervise
 
         if options.get("device"):
             raise ShardgenError("--devices and --device cannot be used together", "use --devices for a node, --device for one worker")
-        args, env = _worker_child(options, batch_size, loglevel, log_format, grace_seconds)
-        sys.exit(supervise(parse_devices(devices), args, metrics_port, grace_seconds, env))
+        sys.exit(supervise(parse_devices(devices), config))
     from shardgen.workers import start_worker
 
-    start_worker(
-        spec,
-        device=options.get("device") or "auto",
-        batch_size=batch_size,
-        max_memory=options.get("max_memory"),
-        broker=options.get("broker"),
-        hf_token=options.get("hf_token"),
-        compile=bool(options.get("compile")),
-        loglevel=loglevel,
-        log_format=log_format,
-        node_name=node_name,
-        grace_s=grace_seconds,
-        metrics_port=metrics_port,
-        console=console.get(),
-    )
-
-
-def _worker_child(options: dict[str, Any], batch_size: int | str, loglevel: str, log_format: str,
-                  grace_seconds: float) -> tuple[list[str], dict[str, str]]:
-    """The options of each device's worker: flags for what is safe to show in `ps`, the environment for the
-    broker URL, the hub token and storage options (which may carry credentials)."""
-    args = ["--batch-size", str(batch_size), "--grace-seconds", str(grace_seconds), "--loglevel", loglevel, "--log-format", log_format]
-    for key in ("model", "quantize", "dtype", "model_revision", "max_memory"):
-        if options.get(key) is not None:
-            args += [f"--{key.replace('_', '-')}", str(options[key])]
-    if options.get("quantization_config"):
-        args += ["--quantization-config", json.dumps(options["quantization_config"])]
-    args += ["--trust-remote-code"] if options.get("trust_remote_code") else []
-    args += ["--compile"] if options.get("compile") else []
-    env = {}
-    for key, variable in (("broker", "SHARDGEN_BROKER_URL"), ("hf_token", "HF_TOKEN")):
-        if options.get(key):
-            env[variable] = str(options[key])
-    if options.get("storage_options"):
-        env["SHARDGEN_STORAGE_OPTIONS"] = json.dumps(options["storage_options"])
-    return args, env
+    start_worker(config)
 
 
 # ---------------------------------------------------------------- status

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from shardgen.schemas.errors import InvalidParameter
 from shardgen.schemas.model import ModelSpec
 from shardgen.schemas.run import ColumnMapping, RunSpec
+from shardgen.schemas.runtime import RuntimeOptions
 from shardgen.schemas.sampling import ALIASES as PARAM_ALIASES
 from shardgen.schemas.sampling import SamplingParams
 
@@ -37,8 +38,9 @@ COLUMN_FIELDS = {f.name for f in dataclasses.fields(ColumnMapping)}
 MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelSpec)}
 PARAM_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)} | set(PARAM_ALIASES) | {"do_sample", "use_cache"}
 RUN_FIELDS = {"input", "split", "subset", "revision", "limit", "shard_size", "chat_template", "max_prompt_tokens", "max_retries"}
-RUNTIME_FIELDS = {"device", "batch_size", "max_memory", "work_dir", "broker", "output", "hf_token", "allow_partial", "compile",
-                  "storage_options"}
+RUNTIME_FIELDS = {"device", "engine", "batch_size", "max_memory", "compile", "hf_token", "grace_seconds", "stall_seconds",
+                  "work_dir", "broker", "output", "allow_partial", "storage_options", "metrics_port", "metrics_host",
+                  "log_format", "loglevel", "name"}
 MODEL_OPTIONS = (MODEL_FIELDS - {"revision"}) | {"model_revision"}
 """ModelSpec's fields as options; its `revision` is `model_revision` (`revision` names the dataset's)."""
 BNB_SHORTCUTS = {"load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype"}
@@ -56,7 +58,9 @@ def load_config(path: str | Path | None) -> dict[str, Any]:
         raise InvalidParameter(f"config file {path} does not exist", "check the --config path") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise InvalidParameter(f"config file {path} is not valid TOML: {exc}", "fix the file") from None
-    return normalize(raw, source=str(path))
+    from shardgen.compat.config_files import translate  # a file written for a tool shardgen replaces
+
+    return normalize(translate(raw, str(path)), source=str(path))
 
 
 def normalize(raw: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
@@ -71,12 +75,6 @@ def normalize(raw: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
             if not isinstance(value, Mapping):
                 raise InvalidParameter(f"storage_options in {source} must be a table")
             flat[key] = dict(value)
-        elif key == "inferencer" and isinstance(value, Mapping):  # a fine-tuning suite's Inferencer config file
-            from shardgen.compat.inferencer import run_options
-
-            nested = run_options(value, source)
-            quantization.update(nested.pop("quantization_config", {}))
-            flat.update(nested)
         elif key in TABLES and isinstance(value, Mapping):
             if key == "model" and "revision" in value:  # inside [model], revision is the model's
                 value = {("model_revision" if k == "revision" else k): v for k, v in value.items()}
@@ -135,6 +133,11 @@ def build_model_spec(options: Mapping[str, Any]) -> ModelSpec:
     if "model_revision" in fields:
         fields["revision"] = fields.pop("model_revision")
     return ModelSpec(**fields)
+
+
+def build_runtime(options: Mapping[str, Any]) -> RuntimeOptions:
+    """The validated RuntimeOptions for merged options, the environment filling what they leave out."""
+    return RuntimeOptions.from_options(options)
 
 
 def build_run_spec(options: Mapping[str, Any], **fixed: Any) -> RunSpec:

@@ -14,7 +14,8 @@ from shardgen.schemas.errors import InputError
 from shardgen.schemas.layout import RunLayout, is_url, join, shard_count
 from shardgen.schemas.rows import shard_from_table
 from shardgen.schemas.run import RunSpec
-from shardgen.workers import load_model, make_generator, process_shard
+from shardgen.schemas.runtime import RuntimeOptions
+from shardgen.workers import load_generator, process_shard
 from shardgen.workers.lifecycle import check_resumable, unfinished_shards
 from shardgen.workers.storage import (
     check_writable,
@@ -56,17 +57,14 @@ def parts_dir_for(output: str) -> str:
 def run_embedded(
     spec: RunSpec,
     output: str | os.PathLike,
+    runtime: RuntimeOptions | None = None,
     *,
-    device: str = "auto",
-    batch_size: int | str = 16,
-    max_memory: str | None = None,
-    hf_token: str | None = None,
-    compile: bool = False,
     score_metrics: Sequence[str] | None = None,
     row_metadata: bool = False,
     console: Console | None = None,
 ) -> RunSummary:
     console = console or Console(stderr=True)
+    runtime = runtime or RuntimeOptions.from_options({})
     output = str(output)
     suffix = output_format(output)  # an output name of unknown format is refused here, before any work
     if row_metadata and suffix != ".jsonl":
@@ -78,7 +76,7 @@ def run_embedded(
     shards_total = shard_count(rows_total, spec.shard_size)
     previous = _previous_run(spec, parts)
     started = time.perf_counter()
-    loaded = load_model(spec.model, device, hf_token)  # a model that cannot load leaves nothing behind
+    loaded, generator = load_generator(spec.model, runtime)  # a model that cannot load leaves nothing behind
     if previous is not None:
         spec = previous
         console.print(f"resuming run {spec.run_id} from {join(parts, spec.run_id)}")
@@ -88,8 +86,8 @@ def run_embedded(
     todo = unfinished_shards(layout, shards_total)
     if loaded.info.get("note"):
         console.print(f"[yellow]{loaded.info['note']}")
-    generator = make_generator(loaded, batch_size, compile=compile, max_memory=max_memory)
-    console.print(f"model {spec.model.model} ({loaded.source}) on {loaded.device}, quantize={spec.model.quantize}, loaded in {loaded.load_time_s:.1f}s")
+    console.print(f"model {spec.model.model} ({loaded.source}) on {loaded.device}, quantize={spec.model.quantize}, "
+                  f"{generator.name}, loaded in {loaded.load_time_s:.1f}s")
     totals = {"rows_failed": 0, "prompt_tokens": 0, "generated_tokens": 0}
     with RowProgress(console, rows_total) as progress:
         progress.advance(rows_total - sum(len(layout.shard_rows(i, rows_total)) for i in todo))

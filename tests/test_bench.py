@@ -2,7 +2,8 @@ import json
 
 from click.testing import CliRunner
 
-from shardgen.producer.bench import bench, equal_prompts, ragged_prompts
+from shardgen.producer.bench import bench
+from shardgen.producer.bench.prompts import equal_prompts, ragged_prompts
 from tests.conftest import run_in_fresh_process
 
 
@@ -14,7 +15,7 @@ def test_bench_json_structure_and_ratios_against_hf(tiny_model_dir):
     report = json.loads(result.stdout)
     assert report["config"]["batch_size"] == "2" and report["config"]["hf_batch_size"] == 2
     rows = {(r["workload"], r["generator"]): r for r in report["results"]}
-    assert set(rows) == {(w, g) for w in ("ragged", "equal") for g in ("engine", "hf-generate", "engine-no-kv")}
+    assert set(rows) == {(w, g) for w in ("ragged", "equal") for g in ("engine", "hf-generate", "hf-generate-no-cache")}
     for (workload, _), row in rows.items():
         baseline = rows[(workload, "hf-generate")]
         assert row["ratio_vs_hf"] == row["tokens_per_s"] / baseline["tokens_per_s"]
@@ -22,7 +23,7 @@ def test_bench_json_structure_and_ratios_against_hf(tiny_model_dir):
         assert 0 <= row["padding_waste"] < 1 and row["peak_rss_mb"] > 100 and row["batch_size"] == 2
     assert rows[("equal", "engine")]["useful_tokens"] == 5 * 4  # EOS ignored: every prompt gets the full length
     assert rows[("ragged", "engine")]["padding_waste"] == 0
-    assert rows[("ragged", "engine-no-kv")]["padding_waste"] > rows[("ragged", "engine")]["padding_waste"]
+    assert rows[("ragged", "hf-generate-no-cache")]["padding_waste"] > rows[("ragged", "engine")]["padding_waste"]
     engine = rows[("equal", "engine")]
     assert 0 < engine["batch_occupancy"] <= 1 and engine["kv_cache_mb"] > 0
     assert engine["memory_vs_model_and_cache"] > 0
@@ -75,7 +76,7 @@ def test_prompt_sets_are_deterministic_and_shaped(tiny_loaded):
 def test_peak_memory_is_the_process_peak_during_the_block_not_before():
     run_in_fresh_process("""
         import torch
-        from shardgen.producer.bench import PeakMemory
+        from shardgen.producer.bench.engine import PeakMemory
 
         before = torch.ones(50_000_000)  # 200 MB at its peak before the block, freed before it starts
         del before

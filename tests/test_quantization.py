@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from shardgen.producer.bench_quant import bench_quant, method_specs
+from shardgen.producer.bench.quant import bench_quant, method_specs
 from shardgen.producer.config import build_run_spec, load_config, merge
 from shardgen.producer.quantize import quantize
 from shardgen.schemas.errors import InputError, InvalidParameter, ModelError
@@ -313,7 +313,7 @@ def fp32_footprint() -> int:
 
 
 def _greedy_answer(loaded, question: str, max_new_tokens: int = 8) -> str:
-    from shardgen.producer.bench_quant import greedy_generate
+    from shardgen.producer.bench.quant import greedy_generate
 
     (tokens,) = greedy_generate(loaded, [question], max_new_tokens)
     return loaded.tokenizer.decode(tokens, skip_special_tokens=True)

@@ -1,4 +1,5 @@
-"""`shardgen bench`: the engine against transformers' generate on the same prompts, in one process.
+"""`shardgen bench engine` (plain `shardgen bench`): the engine against transformers' generate on the same prompts,
+in one process.
 
 Two workloads: "ragged" (chat prompts of varied length, sampled answers that end at EOS) and "equal" (prompts of
 one length, a fixed output length with EOS ignored). Per generator and workload it reports useful tokens/s
@@ -17,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
-import random
 import statistics
 import threading
 import time
@@ -30,34 +30,14 @@ from shardgen.schemas.sampling import SamplingParams
 from shardgen.workers.engine.memory import peak_rss_bytes, process_rss_bytes, reset_peak_rss
 from shardgen.workers.generators import HF_BATCH_WITH_AUTO
 
-from .command_support import out
+from ..command_support import out
+from .prompts import equal_prompts, ragged_prompts
 
-GENERATORS = ("engine", "hf-generate", "hf-continuous", "engine-no-kv")
+GENERATORS = ("engine", "hf-generate", "hf-continuous", "hf-generate-no-cache")
+GENERATOR_ALIASES = {"shardgen": "engine"}
+"""`--generators` takes the names `--engine` takes: shardgen's engine is `engine` or `shardgen`."""
 WORKLOADS = ("ragged", "equal")
 BASELINE = "hf-generate"
-
-TOPICS = [
-    "the water cycle", "black holes", "the French revolution", "photosynthesis", "machine learning", "volcanoes",
-    "the stock market", "honey bees", "the printing press", "climate change", "the human heart", "jazz music",
-    "ancient Rome", "quantum computing", "coral reefs", "the Silk Road", "vaccines", "electric cars",
-    "the Moon landing", "chess openings", "sourdough bread", "plate tectonics", "the Renaissance", "solar panels",
-]
-ASKS = [
-    "What is {t}?", "Explain {t} to a ten-year-old.", "Give three facts about {t}.", "Why does {t} matter?",
-    "Write a short poem about {t}.", "Summarize the history of {t} in a few sentences.",
-    "What are common misconceptions about {t}?", "Compare {t} with {u}.", "Write a haiku about {t}.",
-    "List the pros and cons of studying {t}.",
-]
-CONTEXT = [
-    "I am preparing a lesson for my class next week.", "Keep the answer friendly and clear.",
-    "My friend and I disagreed about this over dinner yesterday.", "Please avoid jargon where you can.",
-    "I read an article about it but did not understand the details.", "Assume I know a little biology and physics.",
-    "This is for a short presentation at work.", "Use an example from everyday life if possible.",
-    "I have been curious about this since I was a child.", "Answer as if you were a patient teacher.",
-    "My grandmother asked me and I could not answer.", "Mention one surprising detail.",
-]
-FILLER = "The quick brown fox jumps over the lazy dog while the curious cat watches from the old stone wall. "
-
 
 @dataclass
 class Workload:
@@ -118,35 +98,6 @@ class MemoryReport:
     """transformers' get_memory_footprint() of the loaded model."""
     runtime_mb: float | None = None
     """The process without the model's weights (interpreter, torch, transformers, tokenizer): loaded - footprint."""
-
-
-PASSAGE_SHARE = 0.25
-"""Share of ragged prompts that also carry a passage to read, the long tail of a real dataset's lengths."""
-
-
-def ragged_prompts(tokenizer: Any, count: int, seed: int) -> list[list[int]]:
-    """Chat prompts of varied length: a question about a topic after 0-10 sentences of context, and for one
-    prompt in four a passage of notes before it. With the default model's chat template they run from about 35
-    to 550 tokens, mean about 120, like the workload the engine's speed bar was set on."""
-    rng = random.Random(seed)
-    prompts = []
-    for _ in range(count):
-        topic, other = rng.sample(TOPICS, 2)
-        question = rng.choice(ASKS).format(t=topic, u=other)
-        context = " ".join(rng.choice(CONTEXT) for _ in range(rng.choice([0, 0, 1, 2, 3, 5, 8, 10])))
-        if rng.random() < PASSAGE_SHARE:
-            notes = " ".join(rng.choice(CONTEXT + [FILLER.strip()]) for _ in range(rng.randint(10, 40)))
-            context = f"My notes so far: {notes} {context}"
-        messages = [{"role": "user", "content": f"{context} {question}".strip()}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return prompts
-
-
-def equal_prompts(tokenizer: Any, count: int, length: int) -> list[list[int]]:
-    """`count` different raw-text prompts of exactly `length` tokens."""
-    ids = tokenizer(FILLER * (length // 8 + count), add_special_tokens=False)["input_ids"]
-    return [ids[i : i + length] for i in range(count)]
 
 
 def build_workloads(tokenizer: Any, names: Sequence[str], count: int, max_new_tokens: int, seed: int) -> list[Workload]:
@@ -253,22 +204,24 @@ class FirstTokenStreamer:
         self.calls = 0
 
 
-def streamed_hf_generate(loaded: Any, batch_size: int, streamer: FirstTokenStreamer) -> Any:
-    from shardgen.workers.engine.hf_generate import HFGenerate
+def streamed_hf_generate(loaded: Any, batch_size: int, streamer: FirstTokenStreamer, use_cache: bool = True) -> Any:
+    from shardgen.workers.generators.hf_generate import HFGenerate
 
     class StreamedHFGenerate(HFGenerate):
-        def generation_kwargs(self, params: SamplingParams) -> dict:
-            return {**super().generation_kwargs(params), "streamer": streamer}
+        def generation_kwargs(self, params: SamplingParams, budget: int) -> dict:
+            return {**super().generation_kwargs(params, budget), "streamer": streamer}
 
-    return StreamedHFGenerate(loaded, batch_size, seed_per_request=False)  # the baseline: plain batched generate
+    # the baseline: plain batched generate
+    return StreamedHFGenerate(loaded, batch_size, seed_per_request=False, use_cache=use_cache)
 
 
-def run_hf_generate(loaded: Any, batch_size: int, workload: Workload) -> Measured:
-    """Static batches, one after the other: every row of a batch gets its first token at the same time."""
+def run_hf_generate(loaded: Any, batch_size: int, workload: Workload, use_cache: bool = True) -> Measured:
+    """Static batches, one after the other: every row of a batch gets its first token at the same time. Without
+    its cache, each step computes every sequence again from its start."""
     from shardgen.workers.generation import GenerationRequest
 
     streamer = FirstTokenStreamer()
-    hf = streamed_hf_generate(loaded, batch_size, streamer)
+    hf = streamed_hf_generate(loaded, batch_size, streamer, use_cache)
     requests = [GenerationRequest(ids, seed=i) for i, ids in enumerate(workload.prompts)]
     first, useful, computed = [], 0, 0
     started = time.perf_counter()
@@ -279,8 +232,12 @@ def run_hf_generate(loaded: Any, batch_size: int, workload: Workload) -> Measure
         lengths = [len(s.token_ids) for o in outputs for s in o.samples]
         useful += sum(lengths)
         width = max(len(r.prompt_ids) for r in batch)
-        computed += len(lengths) * (width + max(lengths) - 1)  # prefill with padding, then every row each step
-    return Measured(useful, first, computed, "hf-generate", batch_size)
+        steps = max(lengths)
+        if use_cache:  # prefill with padding, then every row each step
+            computed += len(lengths) * (width + steps - 1)
+        else:  # every step recomputes every row from its start
+            computed += len(lengths) * sum(width + step for step in range(steps))
+    return Measured(useful, first, computed, "hf-generate" if use_cache else "hf-generate (no KV cache)", batch_size)
 
 
 def run_hf_continuous(model: Any, tokenizer: Any, workload: Workload) -> Measured:
@@ -416,7 +373,7 @@ def parse_batch_sizes(value: str) -> list[int | str]:
     return sizes
 
 
-@click.command("bench")
+@click.command("engine")
 @click.option("--model", default="smollm2-135m", show_default=True, help="Model alias, checkpoint directory or hub id.")
 @click.option("--quantize", type=click.Choice(["none", "nf4", "fp4", "int8"]), default="none", show_default=True,
               help="bitsandbytes quantization of the weights.")
@@ -439,9 +396,10 @@ def parse_batch_sizes(value: str) -> list[int | str]:
               "stop at EOS; "
               "equal: 64-token prompts, fixed output length (EOS ignored).")
 @click.option("--generators", default="engine,hf-generate", show_default=True,
-              help=f"Comma-separated subset of {', '.join(GENERATORS[:3])} (hf-continuous, transformers' "
-              "generate_batch, is slow and memory-hungry on a CPU).")
-@click.option("--no-kv-cache", is_flag=True, help="Also run the engine recomputing every sequence each step (slow).")
+              help=f"Comma-separated subset of {', '.join(GENERATORS)} (engine is also called shardgen; "
+              "hf-continuous, transformers' generate_batch, is slow and memory-hungry on a CPU; "
+              "hf-generate-no-cache recomputes every sequence at each step).")
+@click.option("--no-kv-cache", is_flag=True, help="Also run hf-generate-no-cache: what a KV cache saves (slow).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the engine's decode step.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the ragged prompts and the sampling.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
@@ -453,12 +411,12 @@ def bench(model, quantize, device, batch_size, max_memory, step_tokens, prompt_c
     from shardgen.workers.engine import Engine
     from shardgen.workers.models.loader import load_model
 
-    chosen = [g.strip() for g in generators.split(",") if g.strip()]
+    chosen = [GENERATOR_ALIASES.get(g.strip(), g.strip()) for g in generators.split(",") if g.strip()]
     unknown = set(chosen) - set(GENERATORS)
     if unknown:
         raise click.BadParameter(f"unknown generator(s) {', '.join(sorted(unknown))}", param_hint="--generators")
-    if no_kv_cache and "engine-no-kv" not in chosen:
-        chosen.append("engine-no-kv")
+    if no_kv_cache and "hf-generate-no-cache" not in chosen:
+        chosen.append("hf-generate-no-cache")
     batches = parse_batch_sizes(batch_size)
     hf_batch = next((b for b in batches if isinstance(b, int)), HF_BATCH_WITH_AUTO)
     spec = ModelSpec(model=model, quantize=quantize)
@@ -516,10 +474,8 @@ def bench(model, quantize, device, batch_size, max_memory, step_tokens, prompt_c
         runners: dict[str, Callable[[Workload], Measured]] = {
             "hf-generate": lambda w: run_hf_generate(plain, hf_batch, w),
             "hf-continuous": lambda w: run_hf_continuous(plain.model, plain.tokenizer, w),
+            "hf-generate-no-cache": lambda w: run_hf_generate(plain, hf_batch, w, use_cache=False),
         }
-        if "engine-no-kv" in others:
-            recompute = Engine(plain, batch_size=hf_batch, use_kv_cache=False, pack_weights=False)
-            runners["engine-no-kv"] = lambda w: run_engine(recompute, w)
         for name in others:
             run_all(name, runners[name], plain.device)
         used_device = plain.device

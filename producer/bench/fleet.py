@@ -1,9 +1,9 @@
-"""`shardgen bench-fleet`: what the control plane costs per shard, with many workers on one Redis.
+"""`shardgen bench fleet`: what the control plane costs per shard, with many workers on one Redis.
 
-The workers are real `serve()` processes (Celery solo pool, the claim/complete scripts, the staged input read,
-the Parquet result write and its publication, the watchdog) whose generator does no model work: a
-control-plane load generator that answers every prompt at once with an empty text. It exists only here, so
-the throughput measured is the queue's, not a model's. The runs go through the real `submit` path.
+The workers are real `shardgen worker` processes (Celery solo pool, the claim/complete scripts, the staged input
+read, the Parquet result write and its publication, the watchdog), started with `--engine` naming the generator
+below, as a user names a generator of their own: a control-plane load that answers every prompt at once with an
+empty text, so the throughput measured is the queue's, not a model's. The runs go through the real `submit` path.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any, Callable, Sequence
 import click
 from rich.console import Console
 
-from .bench_support import start_private_redis
-from .command_support import out
-from .display import rows_table
+from .support import start_private_redis
+from ..command_support import out
+from ..display import rows_table
 
 console = Console(stderr=True)
 LOAD_MODEL = "control-plane-load"
@@ -59,27 +59,16 @@ class _CharacterTokenizer:
         return {"input_ids": [ord(c) % 50_000 for c in text]}
 
 
-def load_worker(url: str, slot: int) -> None:
-    """Entry point of one load worker process (started by the benchmark, never by the CLI)."""
-    from types import SimpleNamespace
+def control_plane_load(spec: Any, runtime: Any) -> tuple[Any, Any]:
+    """The `--engine` factory of the load workers: no model, a character tokenizer, a generator that does nothing."""
+    from shardgen.workers.models.loader import LoadedModel
 
-    from shardgen.schemas.model import ModelSpec
-    from shardgen.workers.lifecycle import RunStore
-    from shardgen.workers.lifecycle.dispatch import CeleryWakeups
-    from shardgen.workers.queue.celery_app import configure
-    from shardgen.workers.queue.handler import Shutdown, WorkerContext, worker_id
-    from shardgen.workers.queue.logs import configure_logging
-    from shardgen.workers.queue.worker_main import serve
+    loaded = LoadedModel(model=None, tokenizer=_CharacterTokenizer(), spec=spec, device=runtime.device, source=LOAD_MODEL,
+                         context_length=1_000_000)
+    return loaded, ControlPlaneLoad()
 
-    configure_logging("WARNING", "text")
-    spec = ModelSpec(model=LOAD_MODEL)
-    loaded = SimpleNamespace(tokenizer=_CharacterTokenizer(), context_length=1_000_000, source=LOAD_MODEL, device="cpu",
-                             spec=spec, eos_token_ids=())
-    store = RunStore(url)
-    ctx = WorkerContext(loaded=loaded, generator=ControlPlaneLoad(), store=store,
-                        wakeups=CeleryWakeups(configure(url), store.redis), queue=spec.queue, device="cpu",
-                        worker_id=worker_id(f"load{slot}"), shutdown=Shutdown(5.0))
-    serve(ctx, url, "WARNING", f"shardgen-load-{slot}@%h")
+
+ENGINE = f"{__name__}:control_plane_load"
 
 
 def run_fleet(workers: int, shards: int, scratch: Path) -> dict[str, Any]:
@@ -87,7 +76,7 @@ def run_fleet(workers: int, shards: int, scratch: Path) -> dict[str, Any]:
     from shardgen.schemas.run import RunSpec
     from shardgen.workers.lifecycle import RunStore
 
-    from .submit import submit_run
+    from ..submit import submit_run
 
     server, url = start_private_redis(scratch)
     processes = []
@@ -96,8 +85,10 @@ def run_fleet(workers: int, shards: int, scratch: Path) -> dict[str, Any]:
         data.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(shards)))
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         for slot in range(workers):
-            code = f"from shardgen.producer.bench_fleet import load_worker; load_worker({url!r}, {slot})"
-            processes.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
+            command = [sys.executable, "-m", "shardgen.producer.cli", "worker", "--model", LOAD_MODEL, "--engine", ENGINE,
+                       "--device", "cpu", "--broker", url, "--loglevel", "WARNING", "--grace-seconds", "5",
+                       "--name", f"shardgen-load-{slot}@%h"]
+            processes.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                                               stderr=open(scratch / f"worker-{slot}.log", "wb")))
         store = RunStore(url)
         deadline = time.time() + 300
@@ -141,7 +132,7 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-@click.command("bench-fleet")
+@click.command("fleet")
 @click.option("--workers", "worker_counts", default="1,16", show_default=True,
               help="Comma-separated numbers of worker processes; each runs the same job on a fresh Redis.")
 @click.option("--shards", type=click.IntRange(min=1), default=2000, show_default=True, help="Shards in the job (one row each).")

@@ -1,4 +1,4 @@
-"""`shardgen bench-quant`: what each quantization method costs on one model, measured the same way for all.
+"""`shardgen bench quant`: what each quantization method costs on one model, measured the same way for all.
 
 Per method: load time, memory footprint right after loading and after a forward pass (compressed-tensors
 checkpoints unpack their weights on the first forward in transformers, so the second is what a run holds),
@@ -21,7 +21,7 @@ from rich.table import Table
 from shardgen.schemas.errors import InvalidParameter, ShardgenError
 from shardgen.schemas.model import QUANTIZE_METHODS, ModelSpec
 
-from .command_support import one_line_errors, out, quiet_libraries
+from ..command_support import one_line_errors, out, quiet_libraries
 
 console = Console(stderr=True)
 
@@ -172,7 +172,7 @@ def method_specs(model: str, methods: list[str], gptq_model: str | None) -> list
     return [(m, ModelSpec(model=gptq_model) if m == "gptq" else ModelSpec(model=model, quantize=m)) for m in methods]
 
 
-@click.command("bench-quant")
+@click.command("quant")
 @click.option("--model", default="smollm2-135m", show_default=True, help="Model to quantize each way.")
 @click.option("--methods", default=",".join(DEFAULT_METHODS), show_default=True,
               help="Comma-separated methods; gptq comes from --gptq-model.")

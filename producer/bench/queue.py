@@ -1,10 +1,9 @@
-"""`shardgen bench-queue`: what the queue costs. The same job through `run` (embedded) and through
+"""`shardgen bench queue`: what the queue costs. The same job through `run` (embedded) and through
 `submit` + one `shardgen worker`, in one command; prints tokens/s of each and their ratio."""
 
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import subprocess
 import sys
@@ -20,23 +19,12 @@ from shardgen.schemas.model import ModelSpec
 from shardgen.schemas.run import RunSpec
 from shardgen.schemas.sampling import SamplingParams
 
-from .bench import ASKS, CONTEXT, TOPICS
-from .bench_support import start_private_redis
-from .command_support import out
-from .display import rows_table
+from .prompts import write_prompts
+from .support import start_private_redis
+from ..command_support import out
+from ..display import rows_table
 
 console = Console(stderr=True)
-
-
-def write_prompts(path: Path, count: int, seed: int) -> Path:
-    rng = random.Random(seed)
-    with open(path, "w", encoding="utf-8") as handle:
-        for i in range(count):
-            topic, other = rng.sample(TOPICS, 2)
-            question = rng.choice(ASKS).format(t=topic, u=other)
-            context = " ".join(rng.sample(CONTEXT, rng.randint(0, 3)))
-            handle.write(json.dumps({"prompt": f"{context} {question}".strip()}) + "\n")
-    return path
 
 
 def start_worker(model: str, device: str, batch_size: int, broker: str, log_path: Path) -> subprocess.Popen:
@@ -53,9 +41,12 @@ def start_worker(model: str, device: str, batch_size: int, broker: str, log_path
 
 
 def embedded_rate(spec: RunSpec, output: Path, device: str, batch_size: int) -> dict[str, Any]:
-    from .embedded import run_embedded
+    from ..embedded import run_embedded
 
-    summary = run_embedded(spec, output, device=device, batch_size=batch_size, console=Console(stderr=True, quiet=True))
+    from shardgen.schemas.runtime import RuntimeOptions
+
+    runtime = RuntimeOptions(device=device, batch_size=batch_size)
+    summary = run_embedded(spec, output, runtime, console=Console(stderr=True, quiet=True))
     seconds = summary.seconds - summary.load_seconds
     return {"mode": "embedded (run)", "rows": summary.rows, "tokens": summary.generated_tokens, "seconds": seconds}
 
@@ -63,7 +54,7 @@ def embedded_rate(spec: RunSpec, output: Path, device: str, batch_size: int) -> 
 def distributed_rate(spec: RunSpec, work_dir: Path, broker: str) -> dict[str, Any]:
     from shardgen.workers.lifecycle import RunStore
 
-    from .submit import submit_run
+    from ..submit import submit_run
 
     store = RunStore(broker)
     started = time.time()
@@ -76,7 +67,7 @@ def distributed_rate(spec: RunSpec, work_dir: Path, broker: str) -> dict[str, An
     return {"mode": "distributed (submit + 1 worker)", "rows": record.rows_done, "tokens": record.generated_tokens, "seconds": seconds}
 
 
-@click.command("bench-queue")
+@click.command("queue")
 @click.option("--model", default="smollm2-135m", show_default=True, help="Model alias, checkpoint directory or hub id.")
 @click.option("--device", default="cpu", show_default=True, help="Device of both modes.")
 @click.option("--rows", type=click.IntRange(min=1), default=96, show_default=True, help="Prompts in the job.")

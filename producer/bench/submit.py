@@ -1,4 +1,4 @@
-"""`shardgen bench-submit`: what submitting a large dataset costs: submit rows/s, what Redis holds per row and
+"""`shardgen bench submit`: what submitting a large dataset costs: submit rows/s, what Redis holds per row and
 per shard, and how long `status --json` takes, each measured the way a user meets it (the real commands, a
 fresh private redis-server per size)."""
 
@@ -19,9 +19,9 @@ from typing import Any
 import click
 from rich.console import Console
 
-from .bench_support import start_private_redis
-from .command_support import out
-from .display import rows_table
+from .support import start_private_redis
+from ..command_support import out
+from ..display import rows_table
 
 console = Console(stderr=True)
 
@@ -94,7 +94,7 @@ def _status_in_process(run_id: str, url: str, repeats: int) -> float:
     return statistics.median(times)
 
 
-@click.command("bench-submit")
+@click.command("submit")
 @click.option("--rows", default="100000,1000000", show_default=True, help="Comma-separated dataset sizes (short prompts).")
 @click.option("--shard-size", type=click.IntRange(min=1), default=64, show_default=True, help="Rows per shard.")
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="`status --json` calls timed per size.")

@@ -20,7 +20,6 @@ from typing import Any, Mapping
 from shardgen.schemas.errors import InvalidParameter
 from shardgen.schemas.run import RunSpec
 from shardgen.schemas.sampling import SamplingParams
-from shardgen.workers.api import check_use_cache
 
 SECTION = "inferencer"
 DEFAULT_OUTPUT = "inferencer_output.jsonl"
@@ -106,10 +105,12 @@ class Inferencer:
         import pyarrow.parquet as pq
 
         from shardgen.producer.embedded import run_embedded
+        from shardgen.schemas.runtime import RuntimeOptions
 
         spec = self.run_spec()
         results = self.output_file.with_suffix(".parquet")
-        run_embedded(spec, results, device=self.device, batch_size=self.batch_size, hf_token=self.hf_token)
+        runtime = RuntimeOptions.from_options({"device": self.device, "batch_size": self.batch_size, "hf_token": self.hf_token})
+        run_embedded(spec, results, runtime)
         question_column = spec.columns.prompt_column or "question"
         rows = [
             inferencer_row(row, question_column, spec.model.model, spec.params)
@@ -127,7 +128,7 @@ def run_options(section: Mapping[str, Any], source: str) -> dict[str, Any]:
     from shardgen.producer.config import normalize
 
     section = {key: value for key, value in section.items() if value is not None}
-    check_use_cache(section.pop("use_cache", True))
+    SamplingParams.from_mapping({"use_cache": section.pop("use_cache", True)})  # validated, then dropped
     for key in RUNTIME_KEYS:
         section.pop(key, None)
     for key in ("load_in_4bit", "load_in_8bit"):
