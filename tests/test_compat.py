@@ -75,8 +75,26 @@ def test_gptq_inference_calibrates_once_on_the_dataset(tiny128_dir, tmp_path, mo
     assert "gptq-" in inference_engine.llm.loaded.source  # the calibrated checkpoint, cached
     output_text = inference_engine.generate("Once upon a time")
     assert output_text.startswith("Once upon a time")
-    with pytest.raises(ModelError, match="needs a GPTQ checkpoint or calibration data"):
-        GPTQInference(str(tiny128_dir))
+
+    # Without a dataset: calibrated on the sample shipped with shardgen, cached apart from the dataset's.
+    builtin = GPTQInference(str(tiny128_dir), quantization_config_bits=3, max_length=12)
+    assert builtin.llm.loaded.source != inference_engine.llm.loaded.source
+    quant = json.loads((Path(builtin.llm.loaded.source) / "config.json").read_text())["quantization_config"]
+    assert quant["config_groups"]["group_0"]["weights"]["num_bits"] == 3
+    assert builtin.generate("Once upon a time").startswith("Once upon a time")
+
+    # A GPTQ checkpoint loads as it is: the bits are its own, and it is not calibrated again.
+    again = GPTQInference(builtin.llm.loaded.source, quantization_config_bits=8, max_length=12)
+    assert again.llm.loaded.source == builtin.llm.loaded.source
+
+
+@pytest.mark.parametrize("bits", [1, 5, 16, "4"])
+def test_gptq_inference_refuses_bits_it_cannot_make_before_loading(bits):
+    from shardgen.compat import GPTQInference
+
+    with pytest.raises(InvalidParameter) as info:
+        GPTQInference("/no/such/model", quantization_config_bits=bits)
+    assert info.value.line() == f"quantization_config_bits must be one of 2, 3, 4, 8, got {bits!r}"
 
 
 @pytest.fixture(scope="module")
