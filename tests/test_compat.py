@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shardgen.schemas.errors import InvalidParameter, ModelError
+from shardgen.schemas.errors import InputError, InvalidParameter, ModelError
 from tests.conftest import write_jsonl
 from tests.tiny_architectures import build_architecture
 from tests.tiny_model import build_tiny_model
@@ -76,16 +76,14 @@ def test_gptq_inference_calibrates_once_on_the_dataset(tiny128_dir, tmp_path, mo
     output_text = inference_engine.generate("Once upon a time")
     assert output_text.startswith("Once upon a time")
 
-    # Without a dataset: calibrated on the sample shipped with shardgen, cached apart from the dataset's.
-    builtin = GPTQInference(str(tiny128_dir), quantization_config_bits=3, max_length=12)
-    assert builtin.llm.loaded.source != inference_engine.llm.loaded.source
-    quant = json.loads((Path(builtin.llm.loaded.source) / "config.json").read_text())["quantization_config"]
-    assert quant["config_groups"]["group_0"]["weights"]["num_bits"] == 3
-    assert builtin.generate("Once upon a time").startswith("Once upon a time")
-
-    # A GPTQ checkpoint loads as it is: the bits are its own, and it is not calibrated again.
-    again = GPTQInference(builtin.llm.loaded.source, quantization_config_bits=8, max_length=12)
-    assert again.llm.loaded.source == builtin.llm.loaded.source
+    # A GPTQ checkpoint loads as it is: the bits are its own, and it is not calibrated again. (Without a dataset,
+    # see test_seed_examples: the sample shipped with shardgen calibrates it.)
+    checkpoint = inference_engine.llm.loaded.source
+    again = GPTQInference(checkpoint, quantization_config_bits=8, max_length=12)
+    assert again.llm.loaded.source == checkpoint
+    assert list((tmp_path / "cache" / "models").glob("gptq-*")) == [Path(checkpoint)]
+    with pytest.raises(ModelError, match="already quantized \\(compressed-tensors\\); GPTQ calibration fields do not apply"):
+        GPTQInference(checkpoint, quantization_config_dataset=str(dataset))
 
 
 @pytest.mark.parametrize("bits", [1, 5, 16, "4"])
@@ -152,32 +150,32 @@ def test_generator_refuses_a_raw_state_dict_with_what_would_work(tiny_model_dir,
     assert "raw PyTorch checkpoint" in str(info.value) and "save_pretrained" in str(info.value)
 
 
-def seed_config(path: Path, data: Path, model: Path, output: Path, **extra: object) -> Path:
-    """The suite's [inferencer] section, every key of its InferencerConfig, plus where the model is."""
-    lines = [
-        "[inferencer]",
-        "max_sequence_length = 1024",
-        'dtype = "null"',
-        "load_in_4bit = false",
-        "load_in_8bit = false",
-        'testing_data_id = "${SG_TEST_SET}"',
-        'question_column = "question"',
-        'ground_truth_column = "answer"',
-        'system_prompt_column = "system"',
-        'system_prompt_override_text = "null"',
-        "max_new_tokens = 6",
-        "use_cache = true",
-        "temperature = 0.0",
-        "min_p = 0.1",
-        'hf_user_id = "someone"',
-        'run_name = "null"',
-        'run_name_prefix = "run-"',
-        'run_name_suffix = ""',
-        f'model = "{model}"',
-        f'output_file = "{output}"',
-        *[f"{key} = {json.dumps(value)}" for key, value in extra.items()],
-    ]
-    path.write_text("\n".join(lines) + "\n")
+def seed_config(path: Path, data: Path, model: Path | str, output: Path, **overrides: object) -> Path:
+    """The suite's [inferencer] section, every key of its InferencerConfig, plus where the model is; `overrides`
+    replace or add keys."""
+    values: dict[str, object] = {
+        "max_sequence_length": 1024,
+        "dtype": "null",
+        "load_in_4bit": False,
+        "load_in_8bit": False,
+        "testing_data_id": "${SG_TEST_SET}",
+        "question_column": "question",
+        "ground_truth_column": "answer",
+        "system_prompt_column": "system",
+        "system_prompt_override_text": "null",
+        "max_new_tokens": 6,
+        "use_cache": True,
+        "temperature": 0.0,
+        "min_p": 0.1,
+        "hf_user_id": "someone",
+        "run_name": "null",
+        "run_name_prefix": "run-",
+        "run_name_suffix": "",
+        "model": str(model),
+        "output_file": str(output),
+    }
+    values.update(overrides)
+    path.write_text("[inferencer]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items()))
     return path
 
 
@@ -222,3 +220,171 @@ def test_inferencer_config_errors_are_one_line(tiny_model_dir, tmp_path, monkeyp
     assert run_options({"testing_data_id": "x.jsonl", "hf_user_id": "someone", "run_name": "qa-1"}, "s")["model"] == "someone/qa-1"
     with pytest.raises(InvalidParameter, match="unknown option 'temprature'"):
         run_options({"testing_data_id": "x.jsonl", "model": "m", "temprature": 0.5}, "[inferencer]")
+
+
+@pytest.fixture()
+def inferencer_factory(tiny_model_dir, tmp_path, monkeypatch):
+    """An Inferencer on the tiny model and QUESTIONS, its [inferencer] keys overridable."""
+    from shardgen.compat import ConfigManager, Inferencer
+
+    data = write_jsonl(tmp_path / "test.jsonl", QUESTIONS)
+    monkeypatch.setenv("SG_TEST_SET", str(data))
+
+    def make(**overrides: object) -> Inferencer:
+        model = overrides.pop("model", tiny_model_dir)
+        path = seed_config(tmp_path / "config.toml", data, model, tmp_path / "inferencer_output.jsonl", **overrides)
+        return Inferencer(config_manager=ConfigManager(path))
+
+    return make
+
+
+def _templated(tokenizer, system: str, question: str) -> str:
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def test_inferencer_process_dataset_maps_columns_applies_system_prompt_and_template(inferencer_factory):
+    import datasets
+
+    rows = [{"input": q["question"], "output": q["answer"], "sys": f"Be brief, {i}."} for i, q in enumerate(QUESTIONS)]
+    inferencer = inferencer_factory(question_column="input", ground_truth_column="output", system_prompt_column="sys")
+    processed = inferencer.process_dataset(datasets.Dataset.from_list(rows))
+    expected = [_templated(inferencer.tokenizer, r["sys"], r["input"]) for r in rows]
+    assert processed == expected
+    assert inferencer.process_dataset(rows) == expected  # a list of rows
+    assert inferencer.process_dataset(datasets.Dataset.from_list(rows)[:2]) == expected[:2]  # a batch of columns
+
+    override = inferencer_factory(question_column="input", system_prompt_override_text="Answer in French.")
+    assert override.process_dataset(rows)[0] == _templated(override.tokenizer, "Answer in French.", rows[0]["input"])
+
+
+def test_inferencer_process_dataset_refuses_rows_it_cannot_map_in_one_line(inferencer_factory):
+    import datasets
+
+    inferencer = inferencer_factory(question_column="input")
+    with pytest.raises(InputError) as info:
+        inferencer.process_dataset([{"question": "Why?", "system": "x"}])
+    assert info.value.message.startswith("column 'input' (question_column in [inferencer] in ")
+    assert info.value.hint == "available columns: question, system"
+    with pytest.raises(InputError, match="row 1 of the dataset: prompt column 'input' is empty in this row"):
+        inferencer.process_dataset([{"input": "Why?", "system": "x"}, {"input": " ", "system": "x"}])
+    with pytest.raises(InputError, match="process_dataset takes one split of a dataset"):
+        inferencer.process_dataset(datasets.DatasetDict({"test": datasets.Dataset.from_list(QUESTIONS)}))
+    with pytest.raises(InputError, match="takes a datasets.Dataset, a list of rows .* got str"):
+        inferencer.process_dataset("test.jsonl")
+
+
+def test_inferencer_generate_responses_answers_in_order_as_run_does(inferencer_factory, tiny_model_dir):
+    from shardgen.workers import LLM
+
+    inferencer = inferencer_factory()
+    processed = inferencer.process_dataset(QUESTIONS)
+    responses = inferencer.generate_responses(processed)
+    assert responses == [row["predicted_answer"] for row in inferencer.run()]
+    assert inferencer.generate_responses(QUESTIONS) == responses  # rows are processed first
+    assert "".join(inferencer.stream_inference(processed[1])) == responses[1]
+
+    inferencer.config.max_new_tokens = 2  # a change to the config applies to the next call
+    direct = LLM(str(tiny_model_dir), device="cpu", system_prompt="Be brief.").generate(
+        [q["question"] for q in QUESTIONS], max_new_tokens=2, temperature=0.0, min_p=0.1
+    )
+    assert inferencer.generate_responses(processed) == [c.text for c in direct]
+
+
+def test_inferencer_halves_the_batch_out_of_memory_and_raises_out_of_memory_at_one_row(inferencer_factory):
+    from shardgen.compat import OutOfMemoryError
+    from shardgen.schemas.errors import ShardgenError
+    from shardgen.workers.generation import EngineOOM
+
+    inferencer = inferencer_factory(batch_size=4)
+    processed = inferencer.process_dataset(QUESTIONS)
+    expected = inferencer.generate_responses(processed)
+    engine = inferencer._engine()
+    real_generate, sizes = engine.generate, []
+
+    def short_of_memory(requests, params, **kwargs):
+        sizes.append(engine.batch_size)
+        if engine.batch_size > 1:
+            raise EngineOOM(f"out of memory at batch size {engine.batch_size}")
+        return real_generate(requests, params, **kwargs)
+
+    engine.generate = short_of_memory
+    assert inferencer.generate_responses(processed) == expected
+    assert sizes == [4, 2, 1] and engine.batch_size == 4
+
+    engine.generate = lambda requests, params, **kwargs: (_ for _ in ()).throw(EngineOOM("out of memory at batch size 1"))
+    with pytest.raises(OutOfMemoryError) as info:
+        inferencer.generate_responses(processed)
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value, ShardgenError)
+    assert "out of memory" in str(info.value) and "max_sequence_length" in info.value.hint
+
+
+def test_inferencer_load_errors_are_the_ones_the_suite_catches(inferencer_factory, tmp_path, monkeypatch):
+    from shardgen.compat import ModelNotFoundError, OutOfMemoryError
+    from shardgen.workers.models import loader
+
+    assert issubclass(ModelNotFoundError, ModelError)
+    with pytest.raises(ModelNotFoundError, match="is neither a known alias, an existing directory nor a hub id"):
+        inferencer_factory(model=str(tmp_path / "no-such-checkpoint")).load_model_and_tokenizer()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFoundError, match="holds no checkpoint"):
+        inferencer_factory(model=str(tmp_path / "empty")).load_model_and_tokenizer()
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loader, "load_model", out_of_memory)
+    with pytest.raises(OutOfMemoryError, match="ran out of memory \\(CUDA out of memory. Tried to allocate") as info:
+        inferencer_factory().load_model_and_tokenizer()
+    assert "load_in_4bit = true" in info.value.hint
+
+
+def test_inferencer_config_holds_the_section_as_attributes(inferencer_factory):
+    inferencer = inferencer_factory(batch_size=3)
+    assert (inferencer.config.max_new_tokens, inferencer.config.temperature, inferencer.config.run_name) == (6, 0.0, None)
+    assert inferencer.batch_size == 3
+    inferencer.config.batch_size = 0
+    with pytest.raises(InvalidParameter, match="batch_size in \\[inferencer\\] in .* must be a positive integer, got 0"):
+        inferencer.batch_size
+
+
+EVALUATED = [
+    {"question": "Capital of France?", "predicted_answer": "Paris", "ground_truth": "Paris", "metadata": {}},
+    {"question": "Spider legs?", "predicted_answer": "The answer is 8 legs", "ground_truth": "8", "metadata": {}},
+    {"question": "A color?", "predicted_answer": "", "ground_truth": "red", "metadata": {"error": "boom"}},
+    {"question": "Anything?", "predicted_answer": "yes", "ground_truth": None, "metadata": {}},
+]
+
+
+def test_evaluator_scores_the_inferencer_output_with_shardgen_score_metrics(tmp_path, monkeypatch):
+    from shardgen.compat import Evaluator
+
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "inferencer_output.jsonl", EVALUATED)
+    scores = Evaluator().run()
+    assert scores == pytest.approx({"exact_match": 1 / 3, "normalized_exact_match": 1 / 3, "contains": 2 / 3,
+                                    "token_f1": (1 + 0.4) / 3, "numeric_match": 1.0})
+    summary = json.loads((tmp_path / "evaluator_output_summary.json").read_text())
+    assert (summary["rows"], summary["scored"], summary["failed"], summary["counts"]["numeric_match"]) == (4, 3, 1, 1)
+    detailed = [json.loads(line) for line in (tmp_path / "evaluator_output_detailed.jsonl").read_text().splitlines()]
+    assert [row["score"] and row["score"]["exact_match"] for row in detailed] == [1.0, 0.0, 0.0, None]
+    assert detailed[2]["metadata"] == {"error": "boom"} and "error" not in detailed[2]
+
+
+def test_evaluator_reads_the_config_and_refuses_what_it_cannot_score(tmp_path, monkeypatch):
+    from shardgen.compat import Evaluator
+
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "answers.jsonl", EVALUATED)
+    config = tmp_path / "config.toml"
+    config.write_text('[inferencer]\noutput_file = "answers.jsonl"\n[evaluator]\nmetrics = ["exact_match", "contains"]\n')
+    assert Evaluator().run() == pytest.approx({"exact_match": 1 / 3, "contains": 2 / 3})
+    config.write_text('[evaluator]\nmetrics = ["bleu_score", "rouge_score"]\n')
+    with pytest.raises(InvalidParameter, match="unknown metric bleu_score, rouge_score: use one or more of exact_match"):
+        Evaluator()
+    config.unlink()
+    with pytest.raises(InputError, match="inferencer_output.jsonl does not exist: run Inferencer\\(\\).run\\(\\) first"):
+        Evaluator().run()
+    write_jsonl(tmp_path / "inferencer_output.jsonl", [{**row, "ground_truth": None} for row in EVALUATED])
+    with pytest.raises(InputError, match="none of the 4 rows .* has a ground truth to score against: set ground_truth_column"):
+        Evaluator().run()
