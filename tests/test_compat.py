@@ -117,6 +117,22 @@ def test_falcon_inference_like_the_pipeline(falcon_dir):
     assert answer and not answer.startswith(prompt)
 
 
+def test_falcon_prompt_is_the_documents_pipeline_function(falcon_dir):
+    from shardgen.compat import FalconInference
+
+    falcon = FalconInference(str(falcon_dir), max_length=30, seed=5)
+    query = "J'ai besoin d'une équipe de 3 à 4 intervenants"
+    (sequence,) = falcon.prompt(query)  # the constructor's max_length, top_k and num_return_sequences
+    assert sequence["generated_text"].startswith(query) and len(sequence["generated_text"]) > len(query)
+    assert falcon.prompt(query) == falcon(query)  # same seed, same pipeline call
+    sequences = falcon.prompt(query, max_length=24, top_k=5, num_return_sequences=3)
+    assert len(sequences) == 3 and all(s["generated_text"].startswith(query) for s in sequences)
+    with pytest.raises(InvalidParameter, match="max_length=3 leaves no room to generate"):
+        falcon.prompt(query, max_length=3)  # max_length reaches the pipeline
+    with pytest.raises(InvalidParameter, match="query must be a non-empty string"):
+        falcon.prompt("  ")
+
+
 @pytest.fixture()
 def checkpoint_without_tokenizer(tiny_model_dir: Path, tmp_path: Path) -> Path:
     target = tmp_path / "out"
@@ -135,8 +151,10 @@ def test_generator_like_mini_llm(checkpoint_without_tokenizer, tiny_model_dir):
     assert gen.generate("Once upon a time", max_new_tokens=8, temperature=0.8, top_p=0.95, seed=4) == output
     outputs = gen.generate_batch(["Hello", "How are", "The cat"], batch_size=3, max_new_tokens=6)
     assert len(outputs) == 3 and outputs[2].startswith("The cat")
-    streamed = "".join(gen.generate_stream("Once upon a time", max_new_tokens=8, temperature=0.8, top_p=0.95, seed=4))
-    assert streamed and output.endswith(streamed)
+    tokens = list(gen.generate_stream("Once upon a time", max_new_tokens=8, temperature=0.8, top_p=0.95, seed=4))
+    assert tokens and all(isinstance(t, int) for t in tokens)  # token ids, printed with tokenizer.decode([token])
+    prompt_ids = gen.tokenizer("Once upon a time").input_ids
+    assert gen.tokenizer.decode(prompt_ids + tokens, skip_special_tokens=True) == output  # what generate returned
 
 
 def test_generator_refuses_a_raw_state_dict_with_what_would_work(tiny_model_dir, tmp_path):
