@@ -292,10 +292,12 @@ def _all_strings(data: Any) -> bool:
 
 
 def run_options(section: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """shardgen's run options for an [inferencer] section, validated as `shardgen run --config` validates them."""
+    """shardgen's run options for an [inferencer] section, validated as `shardgen run --config` validates them.
+    `"null"` and `"${VAR}"` values are read as ConfigManager reads them, so `shardgen run --config` takes the
+    suite's file as it is."""
     from shardgen.producer.config import normalize
 
-    section = {key: value for key, value in section.items() if value is not None}
+    section = {key: value for key, value in _resolved(section).items() if value is not None}
     check_use_cache(section.pop("use_cache", True))
     for key in RUNTIME_KEYS:
         section.pop(key, None)
