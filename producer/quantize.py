@@ -28,8 +28,8 @@ console = Console(stderr=True)
                    "divides every layer's input width].")
 @click.option("--dataset",
               help="Calibration data: a .jsonl/.csv/.parquet file, a save_to_disk directory or a hub name "
-                   "[default: shardgen's built-in sample of Python documentation prose; your own domain's data "
-                   "calibrates better].")
+                   "[default: shardgen's built-in sample of Python documentation prose; data from your own "
+                   "domain calibrates better].")
 @click.option("--text-column", help="Column of text to calibrate on [default: text, content, prompt, ...].")
 @click.option("--samples", type=int, default=128, show_default=True, help="Rows sampled (seed 0) from the dataset.")
 @click.option("--max-tokens", type=int, default=512, show_default=True,
@@ -41,8 +41,9 @@ console = Console(stderr=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--hf-token", envvar="HF_TOKEN", show_envvar=True, help="Hugging Face token for private hub models.")
 @one_line_errors
-def quantize(model: str, method: str, bits: str, group_size: int | None, dataset: str | None, text_column: str | None,
-             samples: int, max_tokens: int, damp_percent: float, device: str, output: str, overwrite: bool, hf_token: str | None) -> None:
+def quantize(model: str, method: str, bits: str, group_size: int | None, dataset: str | None,
+             text_column: str | None, samples: int, max_tokens: int, damp_percent: float, device: str,
+             output: str, overwrite: bool, hf_token: str | None) -> None:
     """Quantize MODEL with GPTQ, calibrated on a sample of DATASET rows, into a compressed-tensors checkpoint.
 
     Bits 2, 3, 4 and 8 all work. Without --dataset, calibration uses the sample shipped with shardgen.
@@ -69,8 +70,9 @@ def quantize(model: str, method: str, bits: str, group_size: int | None, dataset
         raise ModelError(f"{model} is already quantized ({already})", "quantize the original, unquantized checkpoint")
     texts = quantization.calibration_texts(dataset, text_column, samples)
     if dataset is None:
-        console.print(f"calibrating GPTQ {bits}-bit on {len(texts)} paragraphs of {quantization.BUILTIN_SAMPLE_NAME} "
-                      f"({device}); {quantization.DOMAIN_NOTE}", highlight=False)
+        sample = f"{len(texts)} paragraphs of {quantization.BUILTIN_SAMPLE_NAME}"
+        console.print(f"calibrating GPTQ {bits}-bit on {sample} ({device}); {quantization.DOMAIN_NOTE}",
+                      highlight=False)
     else:
         console.print(f"calibrating GPTQ {bits}-bit on {len(texts)} rows of {dataset} ({device})")
     with Progress(TextColumn("layers"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

@@ -57,5 +57,5 @@ class ModelNotFoundError(ModelError):
 
 
 class OutOfMemoryError(ShardgenError, RuntimeError):
-    """Loading or generation ran out of memory, at batch size 1 for generation. Also a RuntimeError, as torch's
-    own out-of-memory error is, so code that catches that one catches this one too."""
+    """Loading or generation ran out of memory (generation: even at batch size 1). Also a RuntimeError, as
+    torch's own out-of-memory error is, so code that catches that one catches this one too."""

@@ -363,7 +363,7 @@ def test_inferencer_config_holds_the_section_as_attributes(inferencer_factory):
     assert inferencer.batch_size == 3
     inferencer.config.batch_size = 0
     with pytest.raises(InvalidParameter, match="batch_size in \\[inferencer\\] in .* must be a positive integer, got 0"):
-        inferencer.batch_size
+        assert inferencer.batch_size
 
 
 EVALUATED = [

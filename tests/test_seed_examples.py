@@ -589,8 +589,6 @@ def test_003_inferencer_advanced_usage(suite, tiny_model_dir):
     """Custom Generation Loop runs as written (its config samples: temperature 0.7, as its do_sample=True needs).
     Streaming Inference is not runnable anywhere: transformers' generate takes no `stream` argument. Its reading
     is the Inferencer's stream_inference, the answer to one prompt in pieces as they are generated."""
-    import torch  # noqa: F401  (the example's body uses torch.no_grad)
-
     from shardgen.compat import ConfigManager, Inferencer
 
     class CustomInferencer(Inferencer):

@@ -9,8 +9,9 @@ embedded run machinery, so a long test set is sharded and resumable):
     Inferencer           a fine-tuning suite's TOML-driven Inferencer, with its ConfigManager and Evaluator
     Generator            Mini-LLM's Generator(checkpoint_path, tokenizer_path, device)
 
-Only the import line changes: `from shardgen.compat import Inference`. The errors the suite's examples catch,
-`ModelNotFoundError` and `OutOfMemoryError`, are shardgen's own (a ModelError; a ShardgenError and RuntimeError).
+Only the import line changes: `from shardgen.compat import Inference`. The errors the suite's examples
+catch, `ModelNotFoundError` and `OutOfMemoryError`, are shardgen's own (a ModelError; a ShardgenError that is
+also a RuntimeError). docs/compat.md lists, for each class, what runs unchanged and what does not.
 """
 
 from shardgen.schemas.errors import ModelNotFoundError, OutOfMemoryError

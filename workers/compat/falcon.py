@@ -1,7 +1,7 @@
 """The Falcon text-generation pipeline: a 4-bit Falcon model answering `pipeline(prompt, max_length, top_k, ...)`.
 
     falcon = FalconInference("tiiuae/falcon-7b-instruct", quantization_config=BitsAndBytesConfig(load_in_4bit=True))
-    for seq in falcon.prompt(query):                 # or falcon(prompt, max_length=300, do_sample=True, top_k=10)
+    for seq in falcon.prompt(query):      # or falcon(prompt, max_length=300, do_sample=True, top_k=10)
         print(seq["generated_text"])
 """
 
@@ -54,7 +54,8 @@ class FalconInference:
         and 1 unless changed); other `generate` arguments (`do_sample`, `eos_token_id`, ...) pass through."""
         if not isinstance(query, str) or not query.strip():
             raise InvalidParameter(f"query must be a non-empty string, got {query!r}")
-        return self(query, max_length=max_length, top_k=top_k, num_return_sequences=num_return_sequences, **params)
+        returned = {"max_length": max_length, "top_k": top_k, "num_return_sequences": num_return_sequences}
+        return self(query, **returned, **params)
 
     def generate(
         self,

@@ -58,9 +58,11 @@ class Generator:
         self, prompt: str, max_new_tokens: int = 50, temperature: float = 0.7, top_p: float = 0.9, **params: Any
     ) -> Iterator[int]:
         """The continuation's token ids, each as it is generated: `tokenizer.decode([token])` prints it, as in
-        Mini-LLM. The same seed gives the tokens `generate` continues the prompt with. (`LLM.stream` yields text.)"""
-        sampling = self.llm.params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, **params)
-        prompt_ids = tokenize_text(self.tokenizer, prompt, templated=False).ids  # raw text, as generate sends it
+        Mini-LLM. The same seed gives the tokens `generate` continues the prompt with. (`LLM.stream` yields
+        text pieces.)"""
+        sampling = self.llm.params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                   **params)
+        prompt_ids = tokenize_text(self.tokenizer, prompt, templated=False).ids  # raw text, as generate sends
         seed = row_seed(sampling.seed if sampling.seed is not None else random.randrange(2**31), 0)
         yield from stream_token_ids(self.llm.generator, prompt_ids, sampling, seed)
 

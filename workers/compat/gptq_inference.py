@@ -16,13 +16,14 @@ from .texts import SAMPLED_LIKE_GENERATE, complete, length_limit
 
 
 class GPTQInference:
-    """Maps onto shardgen's `--quantize gptq`: a plain model is calibrated once with `quantization_config_bits`
-    (2, 3, 4 or 8) and the checkpoint cached; a GPTQ checkpoint loads as it is (its own bits stand).
+    """Maps onto shardgen's `--quantize gptq`: a plain model is calibrated once with
+    `quantization_config_bits` (2, 3, 4 or 8) and the checkpoint cached; a GPTQ checkpoint loads as it is (its
+    own bits stand).
 
-    The dataset is a file (JSONL, CSV, Parquet), a `save_to_disk` directory or a hub dataset with a text column,
-    as `shardgen quantize --dataset` takes. Without one, calibration uses the sample shipped with shardgen
-    (transformers fell back to a public calibration set, which needs the hub); a dataset from the model's own
-    domain calibrates better."""
+    The dataset is a file (JSONL, CSV, Parquet), a `save_to_disk` directory or a hub dataset with a text
+    column, as `shardgen quantize --dataset` takes. Without one, calibration uses the sample shipped with
+    shardgen (transformers fell back to a public calibration set, which needs the hub); a dataset from the
+    model's own domain calibrates better."""
 
     def __init__(
         self,
@@ -33,9 +34,9 @@ class GPTQInference:
         **options: Any,
     ):
         if quantization_config_bits not in GPTQ_BITS:
-            raise InvalidParameter(
-                f"quantization_config_bits must be one of {', '.join(map(str, GPTQ_BITS))}, got {quantization_config_bits!r}"
-            )
+            allowed = ", ".join(map(str, GPTQ_BITS))
+            bits = quantization_config_bits
+            raise InvalidParameter(f"quantization_config_bits must be one of {allowed}, got {bits!r}")
         self.model_id = model_id
         self.quantization_config_bits = quantization_config_bits
         self.quantization_config_dataset = quantization_config_dataset

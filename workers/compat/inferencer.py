@@ -4,8 +4,8 @@ answers every question and writes `inferencer_output.jsonl` rows of
 
     inferencer = Inferencer(config_manager=ConfigManager("custom_config.toml"))
     results = inferencer.run()
-    responses = inferencer.generate_responses(inferencer.process_dataset(dataset))   # in memory, in order
-    scores = Evaluator().run()                                                       # shardgen score's metrics
+    responses = inferencer.generate_responses(inferencer.process_dataset(dataset))   # in order
+    scores = Evaluator().run()                                       # with shardgen score's metrics
 
 `run()` goes through shardgen's embedded run (`shardgen run`): the set is sharded, an interrupted run resumes
 where it stopped, and the full result (every shardgen column) is kept beside the JSONL as Parquet.
@@ -93,9 +93,9 @@ class Inferencer:
     """Reads the [inferencer] section of `config_manager` (default: ./config.toml) and runs it with shardgen.
 
     `config` holds the section's keys as attributes (`inferencer.config.max_new_tokens`); a change to it (the
-    batch size, max_sequence_length, a sampling parameter) applies from the next call. The model is loaded once,
-    on first use, and serves `process_dataset`, `generate_responses`, `stream_inference`, `model` and `tokenizer`;
-    `run()` goes through shardgen's embedded run, which loads its own."""
+    batch size, max_sequence_length, a sampling parameter) applies from the next call. The model is loaded
+    once, on first use, and serves `process_dataset`, `generate_responses`, `stream_inference`, `model` and
+    `tokenizer`; `run()` goes through shardgen's embedded run, which loads its own."""
 
     def __init__(self, *, config_manager: ConfigManager | None = None, hf_token: str | None = None):
         self.config_manager = config_manager or ConfigManager()
@@ -138,8 +138,8 @@ class Inferencer:
 
     # ------------------------------------------------------------ the model
     def load_model_and_tokenizer(self) -> tuple[Any, Any]:
-        """The model and tokenizer, loaded once. A model that cannot be found raises ModelNotFoundError; running
-        out of memory while loading raises OutOfMemoryError."""
+        """The model and tokenizer, loaded once. A model that cannot be found raises ModelNotFoundError;
+        running out of memory while loading raises OutOfMemoryError."""
         import torch
 
         from shardgen.producer.config import build_model_spec
@@ -150,8 +150,9 @@ class Inferencer:
             try:
                 self._loaded = load_model(spec, self.device, self.hf_token)
             except (MemoryError, torch.cuda.OutOfMemoryError) as exc:
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise OutOfMemoryError(
-                    f"loading model {spec.model} ran out of memory ({str(exc).splitlines()[0] if str(exc) else 'MemoryError'})",
+                    f"loading model {spec.model} ran out of memory ({reason})",
                     f"set load_in_4bit = true in {self.source}, or use a smaller model",
                 ) from None
         return self._loaded.model, self._loaded.tokenizer
@@ -166,16 +167,20 @@ class Inferencer:
 
     # ------------------------------------------------------------ prompts and answers
     def process_dataset(self, dataset: Any) -> list[str]:
-        """Prompts ready for generation, one per row in order: the question column (question_column), a system
-        prompt (system_prompt_override_text, else the row's system_prompt_column) and the model's chat template.
+        """Prompts ready for generation, one per row in order: the question column (question_column), a
+        system prompt (system_prompt_override_text, else the row's system_prompt_column) and the model's chat
+        template.
 
-        `dataset` is a `datasets.Dataset`, a list of rows (dicts), or a dict of columns (a batch, `dataset[:8]`).
-        The prompts are whole: the engine batches them itself, and `max_sequence_length` cuts them at generation."""
+        `dataset` is a `datasets.Dataset`, a list of rows (dicts), or a dict of columns (a batch,
+        `dataset[:8]`). The prompts are whole: the engine batches them itself, and `max_sequence_length` cuts
+        them at generation."""
         from shardgen.workers.prompts import conversation, render_prompt
 
         records, available = _records(dataset)
         spec = self._spec()
-        for key, column in (("question_column", spec.columns.prompt_column), ("system_prompt_column", spec.columns.system_column)):
+        named = {"question_column": spec.columns.prompt_column,
+                 "system_prompt_column": spec.columns.system_column}
+        for key, column in named.items():
             if column is not None and records and column not in available:
                 raise InputError(
                     f"column {column!r} ({key} in {self.source}) is not in the dataset",
@@ -200,7 +205,8 @@ class Inferencer:
         prompts = list(data) if _all_strings(data) else self.process_dataset(data)
         spec = self._spec()
         generator = self._engine()
-        requests = [GenerationRequest(self._prompt_ids(p, spec), seed=spec.row_seed(i)) for i, p in enumerate(prompts)]
+        requests = [GenerationRequest(self._prompt_ids(p, spec), seed=spec.row_seed(i))
+                    for i, p in enumerate(prompts)]
         try:
             outputs, _ = generate_halving_on_oom(generator, requests, spec, on_row=None)
         except EngineOOM as exc:
@@ -214,7 +220,7 @@ class Inferencer:
         return [output.samples[0].text for output in outputs]
 
     def stream_inference(self, prompt: str) -> Iterator[str]:
-        """The answer to one prompt (as `process_dataset` makes them) in pieces of text as they are generated."""
+        """The answer to one prompt (as `process_dataset` makes them) in pieces of text as it is generated."""
         spec = self._spec()
         ids = stream_token_ids(self._engine(), self._prompt_ids(prompt, spec), spec.params, spec.row_seed(0))
         yield from stream_text(self.tokenizer, ids, spec.params.stop)
@@ -241,7 +247,8 @@ class Inferencer:
 
         tokenizer = self.tokenizer
         templated = spec.chat_template and bool(getattr(tokenizer, "chat_template", None))
-        return tokenize_text(tokenizer, prompt, max_prompt_tokens=spec.max_prompt_tokens, templated=templated).ids
+        limit = spec.max_prompt_tokens
+        return tokenize_text(tokenizer, prompt, max_prompt_tokens=limit, templated=templated).ids
 
     # ------------------------------------------------------------ the whole test set
     def run(self) -> list[dict[str, Any]]:
@@ -266,24 +273,25 @@ class Inferencer:
 
 
 def _records(dataset: Any) -> tuple[list[Mapping[str, Any]], list[str]]:
-    """The rows of a datasets.Dataset, a list of dicts or a dict of columns, and the column names they have."""
+    """The rows of a datasets.Dataset, a list of dicts or a dict of columns, and the columns they have."""
     if hasattr(dataset, "column_names") and hasattr(dataset, "to_list"):
         return dataset.to_list(), list(dataset.column_names)
     if isinstance(dataset, Mapping):
-        if hasattr(dataset, "column_names") or not all(isinstance(v, (list, tuple)) for v in dataset.values()):
+        if hasattr(dataset, "column_names") or not all(isinstance(v, list | tuple) for v in dataset.values()):
             raise InputError(
                 "process_dataset takes one split of a dataset, or a dict of columns of equal length",
                 "pick a split (dataset['test']) or pass lists as the column values",
             )
         lengths = {len(v) for v in dataset.values()}
         if len(lengths) > 1:
-            raise InputError(f"the columns given have different lengths ({', '.join(map(str, sorted(lengths)))})")
+            raise InputError(f"the columns have different lengths ({', '.join(map(str, sorted(lengths)))})")
         columns = list(dataset)
         return [dict(zip(columns, values)) for values in zip(*dataset.values())], columns
     if isinstance(dataset, (list, tuple)) and all(isinstance(row, Mapping) for row in dataset):
         return list(dataset), list(dict.fromkeys(key for row in dataset for key in row))
     raise InputError(
-        f"process_dataset takes a datasets.Dataset, a list of rows (dicts) or a dict of columns, got {type(dataset).__name__}"
+        "process_dataset takes a datasets.Dataset, a list of rows (dicts) or a dict of columns, "
+        f"got {type(dataset).__name__}"
     )
 
 
@@ -292,9 +300,9 @@ def _all_strings(data: Any) -> bool:
 
 
 def run_options(section: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """shardgen's run options for an [inferencer] section, validated as `shardgen run --config` validates them.
-    `"null"` and `"${VAR}"` values are read as ConfigManager reads them, so `shardgen run --config` takes the
-    suite's file as it is."""
+    """shardgen's run options for an [inferencer] section, validated as `shardgen run --config` validates
+    them. `"null"` and `"${VAR}"` values are read as ConfigManager reads them, so `shardgen run --config`
+    takes the suite's file as it is."""
     from shardgen.producer.config import normalize
 
     section = {key: value for key, value in _resolved(section).items() if value is not None}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from shardgen.schemas.errors import InvalidParameter
 from shardgen.schemas.sampling import SamplingParams
@@ -12,11 +12,15 @@ from shardgen.workers.engine.stop import truncate_at_stop
 from shardgen.workers.generation import GenerationRequest, Generator
 
 
-def stream_token_ids(generator: Generator, prompt_ids: Sequence[int], params: SamplingParams, seed: int) -> Iterator[int]:
-    """The generated token ids of one prompt, each as soon as it exists (all at the end where the generator does
-    not stream, e.g. beam search); a prompt that cannot be generated from raises its error."""
+def stream_token_ids(
+    generator: Generator, prompt_ids: Sequence[int], params: SamplingParams, seed: int
+) -> Iterator[int]:
+    """The generated token ids of one prompt, each as soon as it exists (all at the end where the generator
+    does not stream, e.g. beam search); a prompt that cannot be generated from raises its error."""
     if params.n != 1:
-        raise InvalidParameter(f"streaming makes one sample, got n={params.n}", "use generate for several samples")
+        raise InvalidParameter(
+            f"streaming makes one sample, got n={params.n}", "use generate for several samples"
+        )
     problem = no_room_error(params, len(prompt_ids))
     if problem:
         raise InvalidParameter(problem)
@@ -35,15 +39,15 @@ def stream_token_ids(generator: Generator, prompt_ids: Sequence[int], params: Sa
             raise InvalidParameter(event.output.error)
 
 
-def stream_text(tokenizer: object, token_ids: Iterable[int], stop: Sequence[str] = ()) -> Iterator[str]:
-    """The text of a token stream in pieces: a piece is sent once no later token can change it (no half-decoded
-    character, nothing that may begin a stop string), and the text ends before the first stop string."""
+def stream_text(tokenizer: Any, token_ids: Iterable[int], stop: Sequence[str] = ()) -> Iterator[str]:
+    """The text of a token stream in pieces: a piece is sent once no later token can change it (no
+    half-decoded character, nothing that may begin a stop string); it ends before the first stop string."""
     tokens: list[int] = []
     sent = ""
     held = max((len(s) - 1 for s in stop), default=0)
     for token in token_ids:
         tokens.append(token)
-        text, stopped = truncate_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop)  # type: ignore[attr-defined]
+        text, stopped = truncate_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop)
         settled = text.rstrip("\ufffd")
         ready = text if stopped else settled[: max(0, len(settled) - held)]
         if len(ready) > len(sent) and ready.startswith(sent):
@@ -51,6 +55,6 @@ def stream_text(tokenizer: object, token_ids: Iterable[int], stop: Sequence[str]
             sent = ready
         if stopped:
             return
-    text, _ = truncate_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop)  # type: ignore[attr-defined]
+    text, _ = truncate_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop)
     if len(text) > len(sent) and text.startswith(sent):
         yield text[len(sent) :]

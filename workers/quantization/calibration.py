@@ -1,8 +1,8 @@
 """GPTQ calibration data, and the GPTQ checkpoint made once at load time (--quantize gptq on a plain model).
 
-Without a dataset, GPTQ calibrates on the sample shipped in data/calibration.txt (prose from the Python Language
-Reference, PSF licence; data/README.md names its source): enough for 2- to 8-bit weights to work, though a
-dataset from the model's own domain calibrates better.
+Without a dataset, GPTQ calibrates on the sample shipped in data/calibration.txt (prose from the Python
+Language Reference, PSF licence; data/README.md names its source): enough for 2- to 8-bit weights to work,
+though a dataset from the model's own domain calibrates better.
 """
 
 from __future__ import annotations
@@ -29,15 +29,18 @@ DOMAIN_NOTE = "a dataset from your own domain calibrates better: pass --dataset 
 
 
 def builtin_calibration_texts(samples: int = DEFAULT_SAMPLES) -> list[str]:
-    """The first `samples` paragraphs of the shipped sample (one paragraph per sample; `#` lines are comments)."""
-    lines = [line for line in BUILTIN_SAMPLE.read_text(encoding="utf-8").splitlines() if not line.startswith("#")]
+    """The first `samples` paragraphs of the shipped sample (one per sample; `#` lines are comments)."""
+    text = BUILTIN_SAMPLE.read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if not line.startswith("#")]
     paragraphs = [" ".join(block.split()) for block in "\n".join(lines).split("\n\n")]
     return [p for p in paragraphs if p][:samples]
 
 
-def calibration_texts(dataset: str | None, text_column: str | None = None, samples: int = DEFAULT_SAMPLES) -> list[str]:
-    """A fixed random sample (seed 0) of non-empty texts from one column of a dataset file or hub name; without
-    a dataset, the first `samples` paragraphs of the built-in sample."""
+def calibration_texts(
+    dataset: str | None, text_column: str | None = None, samples: int = DEFAULT_SAMPLES
+) -> list[str]:
+    """A fixed random sample (seed 0) of non-empty texts from one column of a dataset file or hub name;
+    without a dataset, the first `samples` paragraphs of the built-in sample."""
     if dataset is None:
         if text_column is not None:
             raise InputError(
@@ -70,7 +73,8 @@ def calibrated_checkpoint(source: str, spec: ModelSpec, device: str) -> Path:
     target = cache_dir() / "models" / f"gptq-{key}"
 
     def build(out: Path) -> None:
-        texts = calibration_texts(config.get("dataset"), config.get("text_column"), config.get("samples", DEFAULT_SAMPLES))
+        samples = config.get("samples", DEFAULT_SAMPLES)
+        texts = calibration_texts(config.get("dataset"), config.get("text_column"), samples)
         if "dataset" not in config:
             log.warning("calibrating GPTQ on %s; %s", BUILTIN_SAMPLE_NAME, DOMAIN_NOTE)
         gptq_quantize_model(source, out, texts, GptqSettings.from_config(config), device)
