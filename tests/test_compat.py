@@ -95,6 +95,13 @@ def test_gptq_inference_refuses_bits_it_cannot_make_before_loading(bits):
     assert info.value.line() == f"quantization_config_bits must be one of 2, 3, 4, 8, got {bits!r}"
 
 
+def test_gptq_inference_of_a_model_nowhere_to_be_found_is_model_not_found():
+    from shardgen.compat import GPTQInference, ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="someone/no-such-model"):  # off the hub, or the hub out of reach
+        GPTQInference("someone/no-such-model")
+
+
 @pytest.fixture(scope="module")
 def falcon_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_architecture("falcon-7b-layout", tmp_path_factory.mktemp("falcon") / "model")
@@ -335,6 +342,51 @@ def test_inferencer_halves_the_batch_out_of_memory_and_raises_out_of_memory_at_o
         inferencer.generate_responses(processed)
     assert isinstance(info.value, RuntimeError) and isinstance(info.value, ShardgenError)
     assert "out of memory" in str(info.value) and "max_sequence_length" in info.value.hint
+
+
+def test_inferencer_generate_responses_names_a_prompt_it_cannot_answer(inferencer_factory):
+    inferencer = inferencer_factory(max_sequence_length="null")  # no cut: the prompt outgrows the 512-token context
+    too_long = [QUESTIONS[0], {**QUESTIONS[1], "question": "why " * 600}]
+    with pytest.raises(InputError, match="prompt 1 could not be answered: prompt has 6.. tokens; the model's context"):
+        inferencer.generate_responses(too_long)
+    assert len(inferencer_factory(max_sequence_length=64).generate_responses(too_long)) == 2  # cut from the left
+
+
+class _Letters:
+    """A tokenizer whose token i is the i-th character of `text` (the stream helpers only decode)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.text[i] for i in ids)
+
+
+def test_stream_text_sends_only_settled_text_and_stops_before_a_stop_string():
+    from shardgen.compat.streaming import stream_text
+
+    letters = _Letters("Hello STOP world")
+    pieces = list(stream_text(letters, range(len(letters.text)), stop=["STOP"]))
+    assert "".join(pieces) == "Hello " and all("S" not in piece for piece in pieces)
+    assert list(stream_text(letters, range(5))) == list("Hello")  # no stop strings: every token at once
+
+    class HalfCharacters:
+        """"é" spans tokens 3 and 4: the first alone decodes as U+FFFD."""
+
+        def decode(self, ids, skip_special_tokens=True):
+            return {1: "c", 2: "ca", 3: "caf", 4: "caf\ufffd", 5: "café"}[len(ids)]
+
+    assert list(stream_text(HalfCharacters(), range(5))) == ["c", "a", "f", "é"]  # never the half character
+
+
+def test_stream_token_ids_refuses_what_cannot_stream(tiny_model_dir):
+    from shardgen.compat.streaming import stream_token_ids
+    from shardgen.schemas.sampling import SamplingParams
+
+    with pytest.raises(InvalidParameter, match="streaming makes one sample, got n=2"):
+        next(stream_token_ids(None, [1, 2], SamplingParams(n=2), seed=0))
+    with pytest.raises(InvalidParameter, match="max_length=2 leaves no room to generate"):
+        next(stream_token_ids(None, [1, 2], SamplingParams(max_length=2), seed=0))
 
 
 def test_inferencer_load_errors_are_the_ones_the_suite_catches(inferencer_factory, tmp_path, monkeypatch):

@@ -145,8 +145,9 @@ def test_builtin_calibration_sample_ships_in_the_package_and_names_its_source_an
         quantization.calibration_texts(None, "body")
 
 
-def test_gptq_on_a_plain_model_without_a_dataset_calibrates_on_the_builtin_sample(tiny128_dir, calibration_file,
-                                                                                   isolated_cache, caplog):
+def test_gptq_on_a_plain_model_without_a_dataset_calibrates_on_the_builtin_sample(
+    tiny128_dir, calibration_file, isolated_cache, caplog, monkeypatch
+):
     spec = ModelSpec(model=str(tiny128_dir), quantize="gptq", quantization_config={"samples": 4})
     loaded = load_model(spec, "cpu")
     assert loaded.info["checkpoint_quantization"] == "compressed-tensors"
@@ -154,6 +155,12 @@ def test_gptq_on_a_plain_model_without_a_dataset_calibrates_on_the_builtin_sampl
     with_data = ModelSpec(model=str(tiny128_dir), quantize="gptq",
                           quantization_config={"samples": 4, "dataset": str(calibration_file), "text_column": "body"})
     assert load_model(with_data, "cpu").source != loaded.source  # each calibration is cached under its own data
+    assert load_model(spec, "cpu").source == loaded.source  # made once
+
+    changed = isolated_cache.parent / "calibration.txt"  # a later shardgen shipping another sample recalibrates
+    changed.write_text(quantization.BUILTIN_SAMPLE.read_text().replace("A Python program", "A program", 1))
+    monkeypatch.setattr(quantization.calibration, "BUILTIN_SAMPLE", changed)
+    assert load_model(spec, "cpu").source != loaded.source
 
 
 def test_gptq_format_checkpoint_without_gptqmodel_names_what_would_work(tiny_model_dir, tmp_path):
