@@ -49,3 +49,13 @@ class MessageError(ShardgenError):
 
 class StorageError(ShardgenError):
     """A location cannot be read or written: missing, denied, no credentials, unknown protocol."""
+
+
+class ModelNotFoundError(ModelError):
+    """No model by that name: not an alias, not a checkpoint on disk, and not on the hub (or the hub is out of
+    reach and the model is not cached)."""
+
+
+class OutOfMemoryError(ShardgenError, RuntimeError):
+    """Loading or generation ran out of memory (generation: even at batch size 1). Also a RuntimeError, as
+    torch's own out-of-memory error is, so code that catches that one catches this one too."""

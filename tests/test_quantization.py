@@ -126,10 +126,41 @@ def test_cli_prints_the_awq_refusal_as_one_line_and_exits_2(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_gptq_on_a_plain_model_without_calibration_data_says_how_to_make_one(tiny_model_dir):
-    with pytest.raises(ModelError, match="needs a GPTQ checkpoint or calibration data") as info:
-        load_model(ModelSpec(model=str(tiny_model_dir), quantize="gptq"), "cpu")
-    assert "shardgen quantize" in info.value.hint
+def test_builtin_calibration_sample_ships_in_the_package_and_names_its_source_and_licence():
+    import tomllib
+
+    texts = quantization.builtin_calibration_texts()
+    assert len(texts) == 128 and all(len(t) > 150 and "\n" not in t and not t.startswith("#") for t in texts)
+    assert quantization.builtin_calibration_texts(5) == texts[:5]
+    header = quantization.BUILTIN_SAMPLE.read_text().splitlines()[:5]
+    assert all(line.startswith("# ") for line in header)
+    assert "Python Software Foundation" in " ".join(header) and "PSF License Agreement" in " ".join(header)
+    data = quantization.BUILTIN_SAMPLE.parent
+    assert "PYTHON SOFTWARE FOUNDATION LICENSE VERSION 2" in (data / "PSF-LICENSE.txt").read_text()
+    assert "pydoc_data/topics.py" in (data / "README.md").read_text()
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    shipped = pyproject["tool"]["setuptools"]["package-data"]["shardgen.workers.quantization"]
+    assert {"data/*.txt", "data/*.md"} <= set(shipped)  # so an installed wheel has the sample and its licence
+    with pytest.raises(InputError, match="names a column of a calibration dataset, and none is given"):
+        quantization.calibration_texts(None, "body")
+
+
+def test_gptq_on_a_plain_model_without_a_dataset_calibrates_on_the_builtin_sample(
+    tiny128_dir, calibration_file, isolated_cache, caplog, monkeypatch
+):
+    spec = ModelSpec(model=str(tiny128_dir), quantize="gptq", quantization_config={"samples": 4})
+    loaded = load_model(spec, "cpu")
+    assert loaded.info["checkpoint_quantization"] == "compressed-tensors"
+    assert "calibrating GPTQ on shardgen's built-in sample" in caplog.text and "own domain calibrates better" in caplog.text
+    with_data = ModelSpec(model=str(tiny128_dir), quantize="gptq",
+                          quantization_config={"samples": 4, "dataset": str(calibration_file), "text_column": "body"})
+    assert load_model(with_data, "cpu").source != loaded.source  # each calibration is cached under its own data
+    assert load_model(spec, "cpu").source == loaded.source  # made once
+
+    changed = isolated_cache.parent / "calibration.txt"  # a later shardgen shipping another sample recalibrates
+    changed.write_text(quantization.BUILTIN_SAMPLE.read_text().replace("A Python program", "A program", 1))
+    monkeypatch.setattr(quantization.calibration, "BUILTIN_SAMPLE", changed)
+    assert load_model(spec, "cpu").source != loaded.source
 
 
 def test_gptq_format_checkpoint_without_gptqmodel_names_what_would_work(tiny_model_dir, tmp_path):
@@ -249,6 +280,34 @@ def test_quantize_writes_a_compressed_tensors_checkpoint_that_loads_and_generate
     assert _on_4bit_grid(levels)
     original = plain.model.model.layers[0].self_attn.q_proj.weight
     assert 0 < (q_proj.weight - original).norm() / original.norm() < 0.3
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_quantize_without_a_dataset_makes_each_bit_width_on_its_grid(bits, tiny128_dir, tmp_path):
+    output = tmp_path / f"gptq-{bits}"
+    result = CliRunner().invoke(quantize, [str(tiny128_dir), "--bits", str(bits), "--samples", "6", "-o", str(output)])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())  # the console wraps long lines
+    assert "6 paragraphs of shardgen's built-in sample" in said and "own domain calibrates better" in said
+    quant = json.loads((output / "config.json").read_text())["quantization_config"]
+    assert quant["config_groups"]["group_0"]["weights"]["num_bits"] == bits
+
+    loaded = load_model(ModelSpec(model=str(output)), "cpu")
+    prompt = loaded.tokenizer("The river", return_tensors="pt")
+    with torch.no_grad():
+        generated = loaded.model.generate(**prompt, max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] == prompt.input_ids.shape[1] + 3
+    q_proj = loaded.model.model.layers[0].self_attn.q_proj
+    levels = q_proj.weight / q_proj.weight_scale
+    integers = levels.round()
+    assert torch.allclose(levels, integers, atol=1e-3)
+    assert integers.min() >= -(2 ** (bits - 1)) and integers.max() <= 2 ** (bits - 1) - 1
+
+
+def test_quantize_refuses_bits_it_cannot_make_naming_those_it_can(tiny128_dir, tmp_path):
+    result = CliRunner().invoke(quantize, [str(tiny128_dir), "--bits", "5", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "'5' is not one of '2', '3', '4', '8'" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_prequantized_checkpoint_refuses_a_second_quantization(gptq_dir):

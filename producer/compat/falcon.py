@@ -1,7 +1,7 @@
 """The Falcon text-generation pipeline: a 4-bit Falcon model answering `pipeline(prompt, max_length, top_k, ...)`.
 
     falcon = FalconInference("tiiuae/falcon-7b-instruct", quantization_config=BitsAndBytesConfig(load_in_4bit=True))
-    for seq in falcon(prompt, max_length=300, do_sample=True, top_k=10, num_return_sequences=1):
+    for seq in falcon.prompt(query):      # or falcon(prompt, max_length=300, do_sample=True, top_k=10)
         print(seq["generated_text"])
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from shardgen.schemas.errors import InvalidParameter
 from shardgen.workers.api import LLM
 
 from .texts import complete, length_limit
@@ -42,6 +43,19 @@ class FalconInference:
     def __call__(self, prompt: str, *args: Any, **kwargs: Any) -> list[dict[str, str]]:
         """The pipeline's answer: one `{"generated_text": ...}` per returned sequence (arguments as `generate`)."""
         return [{"generated_text": text} for text in self.generate(prompt, *args, **kwargs)]
+
+    def prompt(
+        self, query: str, max_length: int | None = None, top_k: int | None = None,
+        num_return_sequences: int | None = None, **params: Any,
+    ) -> list[dict[str, str]]:
+        """The document's pipeline function: put a query in, get the pipeline's generated sequences out.
+
+        `max_length`, `top_k` and `num_return_sequences` default to the values given at construction (300, 10
+        and 1 unless changed); other `generate` arguments (`do_sample`, `eos_token_id`, ...) pass through."""
+        if not isinstance(query, str) or not query.strip():
+            raise InvalidParameter(f"query must be a non-empty string, got {query!r}")
+        returned = {"max_length": max_length, "top_k": top_k, "num_return_sequences": num_return_sequences}
+        return self(query, **returned, **params)
 
     def generate(
         self,

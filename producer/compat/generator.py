@@ -2,15 +2,21 @@
 
     gen = Generator(checkpoint_path="out/model", tokenizer_path="Tokenizer/BPE", device="cuda")
     print(gen.generate("Once upon a time", max_new_tokens=50, temperature=0.8, top_p=0.95))
+    for token in gen.generate_stream("Once upon a time"):
+        print(gen.tokenizer.decode([token]), end="", flush=True)
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from shardgen.schemas.run import row_seed
 from shardgen.workers.api import LLM
+from shardgen.workers.prompts import tokenize_text
 
+from .streaming import stream_token_ids
 from .texts import full_texts
 
 
@@ -50,9 +56,15 @@ class Generator:
 
     def generate_stream(
         self, prompt: str, max_new_tokens: int = 50, temperature: float = 0.7, top_p: float = 0.9, **params: Any
-    ) -> Iterator[str]:
-        """The continuation in pieces of text as they are generated (print them with end="")."""
-        yield from self.llm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, **params)
+    ) -> Iterator[int]:
+        """The continuation's token ids, each as it is generated: `tokenizer.decode([token])` prints it, as in
+        Mini-LLM. The same seed gives the tokens `generate` continues the prompt with. (`LLM.stream` yields
+        text pieces.)"""
+        sampling = self.llm.params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                   **params)
+        prompt_ids = tokenize_text(self.tokenizer, prompt, templated=False).ids  # raw text, as generate sends
+        seed = row_seed(sampling.seed if sampling.seed is not None else random.randrange(2**31), 0)
+        yield from stream_token_ids(self.llm.generator, prompt_ids, sampling, seed)
 
 
 def _same_place(a: str, b: str) -> bool:

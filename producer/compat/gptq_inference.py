@@ -8,15 +8,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from shardgen.schemas.errors import InvalidParameter
+from shardgen.schemas.model import GPTQ_BITS
 from shardgen.workers.api import LLM
 
 from .texts import SAMPLED_LIKE_GENERATE, complete, length_limit
 
 
 class GPTQInference:
-    """Maps onto shardgen's `--quantize gptq`: with a dataset, the model is calibrated once (`bits`) and the
-    checkpoint cached; without one, `model_id` must already be a GPTQ checkpoint. The dataset is a file (JSONL,
-    CSV, Parquet) or hub dataset with a text column, as `shardgen quantize --dataset` takes."""
+    """Maps onto shardgen's `--quantize gptq`: a plain model is calibrated once with
+    `quantization_config_bits` (2, 3, 4 or 8) and the checkpoint cached; a GPTQ checkpoint loads as it is (its
+    own bits stand).
+
+    The dataset is a file (JSONL, CSV, Parquet), a `save_to_disk` directory or a hub dataset with a text
+    column, as `shardgen quantize --dataset` takes. Without one, calibration uses the sample shipped with
+    shardgen (transformers fell back to a public calibration set, which needs the hub); a dataset from the
+    model's own domain calibrates better."""
 
     def __init__(
         self,
@@ -26,15 +33,19 @@ class GPTQInference:
         max_length: int = 500,
         **options: Any,
     ):
+        if quantization_config_bits not in GPTQ_BITS:
+            allowed = ", ".join(map(str, GPTQ_BITS))
+            bits = quantization_config_bits
+            raise InvalidParameter(f"quantization_config_bits must be one of {allowed}, got {bits!r}")
         self.model_id = model_id
         self.quantization_config_bits = quantization_config_bits
         self.quantization_config_dataset = quantization_config_dataset
         self.max_length = max_length
-        calibration = (
-            {"bits": quantization_config_bits, "dataset": quantization_config_dataset}
-            if quantization_config_dataset
-            else {}
-        )
+        calibration: dict[str, Any] = {}
+        if not _already_quantized(model_id, options.get("hf_token")):
+            calibration["bits"] = quantization_config_bits
+        if quantization_config_dataset:  # on a GPTQ checkpoint this is refused in one line: it cannot apply
+            calibration["dataset"] = quantization_config_dataset
         self.llm = LLM(
             model_id,
             quantize="gptq",
@@ -48,3 +59,14 @@ class GPTQInference:
 
     def generate(self, prompt: str) -> str:
         return complete(self.llm, prompt, **length_limit(self.max_length))[0]
+
+
+def _already_quantized(model_id: str, hf_token: str | None) -> bool:
+    """Whether `model_id` is a quantized checkpoint (then calibration bits do not apply to it)."""
+    from shardgen.workers.models.loader import check_hub_reachable, resolve_model
+    from shardgen.workers.quantization import checkpoint_quant_method
+
+    resolved = resolve_model(model_id)
+    if not resolved.local:
+        check_hub_reachable(resolved.source, None, hf_token)  # one line in a second, not a minute of retries
+    return checkpoint_quant_method(resolved.source, token=hf_token) is not None

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shardgen.schemas.errors import InvalidParameter, ModelError
+from shardgen.schemas.errors import InvalidParameter, ModelError, ModelNotFoundError
 from shardgen.schemas.model import BNB_METHODS, ModelSpec
 
 from .. import quantization
@@ -58,7 +58,7 @@ def resolve_model(name: str) -> ResolvedModel:
             raw = sorted(p.name for p in path.iterdir() if p.suffix.lower() in RAW_WEIGHT_SUFFIXES)
             if raw:
                 raise _raw_weights_error(path / raw[0])
-            raise ModelError(
+            raise ModelNotFoundError(
                 f"{path} holds no checkpoint (no config.json in it or in a subdirectory)",
                 "pass a directory written by save_pretrained, or a hub id",
             )
@@ -78,7 +78,7 @@ def resolve_model(name: str) -> ResolvedModel:
         )
     looks_local = name.startswith((".", "/", "~")) or os.sep in name and not re.fullmatch(r"[\w.-]+/[\w.-]+", name)
     if looks_local or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
-        raise ModelError(
+        raise ModelNotFoundError(
             f"model {name!r} is neither a known alias, an existing directory nor a hub id",
             f"use --model {default_model.DEFAULT_MODEL_ALIAS}, a checkpoint directory, or owner/name from the hub",
         )
@@ -221,7 +221,7 @@ def check_hub_reachable(repo_id: str, revision: str | None, token: str | None) -
     try:
         huggingface_hub.HfApi().model_info(repo_id, revision=revision, token=token, timeout=10)
     except (huggingface_hub.errors.RepositoryNotFoundError, huggingface_hub.errors.GatedRepoError):
-        raise ModelError(
+        raise ModelNotFoundError(
             f"the hub has no model {repo_id} that this token may read",
             "check the name, or pass a token with --hf-token / HF_TOKEN for a private or gated model",
         ) from None
@@ -231,7 +231,7 @@ def check_hub_reachable(repo_id: str, revision: str | None, token: str | None) -
         if huggingface_hub.try_to_load_from_cache(repo_id, "config.json", revision=revision) is not None:
             return False
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(
+        raise ModelNotFoundError(
             f"cannot reach the Hugging Face hub for model {repo_id} ({reason})",
             "check the network, or pass a local checkpoint directory with --model",
         ) from None

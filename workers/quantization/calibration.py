@@ -1,8 +1,15 @@
-"""GPTQ calibration data, and the GPTQ checkpoint made once at load time (--quantize gptq with a dataset)."""
+"""GPTQ calibration data, and the GPTQ checkpoint made once at load time (--quantize gptq on a plain model).
+
+Without a dataset, GPTQ calibrates on the sample shipped in data/calibration.txt (prose from the Python
+Language Reference, PSF licence; data/README.md names its source): enough for 2- to 8-bit weights to work,
+though a dataset from the model's own domain calibrates better.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from pathlib import Path
 
 from shardgen.schemas.errors import InputError
@@ -13,11 +20,34 @@ from ..storage.datasets import load_dataset_table
 from .build_cache import build_once, short_hash
 from .gptq import DEFAULT_SAMPLES, GptqSettings, gptq_quantize_model
 
+log = logging.getLogger(__name__)
+
 TEXT_COLUMN_GUESSES = ("text", "content", "prompt", "question", "instruction", "input")
+BUILTIN_SAMPLE = Path(__file__).with_name("data") / "calibration.txt"
+BUILTIN_SAMPLE_NAME = "shardgen's built-in sample (prose from the Python Language Reference, PSF licence)"
+DOMAIN_NOTE = "a dataset from your own domain calibrates better: pass --dataset FILE"
 
 
-def calibration_texts(dataset: str, text_column: str | None = None, samples: int = DEFAULT_SAMPLES) -> list[str]:
-    """A fixed random sample (seed 0) of non-empty texts from one column of a dataset file or hub name."""
+def builtin_calibration_texts(samples: int = DEFAULT_SAMPLES) -> list[str]:
+    """The first `samples` paragraphs of the shipped sample (one per sample; `#` lines are comments)."""
+    text = BUILTIN_SAMPLE.read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if not line.startswith("#")]
+    paragraphs = [" ".join(block.split()) for block in "\n".join(lines).split("\n\n")]
+    return [p for p in paragraphs if p][:samples]
+
+
+def calibration_texts(
+    dataset: str | None, text_column: str | None = None, samples: int = DEFAULT_SAMPLES
+) -> list[str]:
+    """A fixed random sample (seed 0) of non-empty texts from one column of a dataset file or hub name;
+    without a dataset, the first `samples` paragraphs of the built-in sample."""
+    if dataset is None:
+        if text_column is not None:
+            raise InputError(
+                f"a text column ({text_column!r}) names a column of a calibration dataset, and none is given",
+                "pass the dataset too (--dataset FILE), or drop the text column",
+            )
+        return builtin_calibration_texts(samples)
     table = load_dataset_table(dataset)
     column = text_column or next((c for c in TEXT_COLUMN_GUESSES if c in table.column_names), None)
     if column is None or column not in table.column_names:
@@ -36,11 +66,17 @@ def calibration_texts(dataset: str, text_column: str | None = None, samples: int
 def calibrated_checkpoint(source: str, spec: ModelSpec, device: str) -> Path:
     """A GPTQ checkpoint of `source` made once from the calibration fields in the spec, cached by all of them."""
     config = spec.quantization_config
-    key = short_hash(source, _mtime_of(source), json.dumps(dict(config), sort_keys=True))
+    parts = [source, _mtime_of(source), json.dumps(dict(config), sort_keys=True)]
+    if "dataset" not in config:  # a later shardgen may ship another sample
+        parts.append(hashlib.sha256(BUILTIN_SAMPLE.read_bytes()).hexdigest())
+    key = short_hash(*parts)
     target = cache_dir() / "models" / f"gptq-{key}"
 
     def build(out: Path) -> None:
-        texts = calibration_texts(config["dataset"], config.get("text_column"), config.get("samples", DEFAULT_SAMPLES))
+        samples = config.get("samples", DEFAULT_SAMPLES)
+        texts = calibration_texts(config.get("dataset"), config.get("text_column"), samples)
+        if "dataset" not in config:
+            log.warning("calibrating GPTQ on %s; %s", BUILTIN_SAMPLE_NAME, DOMAIN_NOTE)
         gptq_quantize_model(source, out, texts, GptqSettings.from_config(config), device)
 
     return build_once(target, build)

@@ -42,16 +42,11 @@ def check_checkpoint_fits(spec: ModelSpec, checkpoint_method: str | None, device
 
 
 def _check_plain_checkpoint(spec: ModelSpec) -> None:
+    """A plain checkpoint loads as it is, quantized on the fly (bitsandbytes) or GPTQ-calibrated first."""
     if spec.quantize == "awq":
         raise ModelError(
             f"--quantize awq needs an AWQ checkpoint, and {spec.model} is not quantized",
             "pass an AWQ checkpoint (quant_method awq in its config.json), or use --quantize nf4 or int8",
-        )
-    if spec.quantize == "gptq" and "dataset" not in spec.quantization_config:
-        raise ModelError(
-            f"--quantize gptq needs a GPTQ checkpoint or calibration data, and {spec.model} is not quantized",
-            f"run `shardgen quantize {spec.model} --method gptq --dataset FILE -o DIR` and pass --model DIR, "
-            "or add a dataset to --quantization-config",
         )
 
 
