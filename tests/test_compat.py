@@ -363,7 +363,7 @@ class _Letters:
 
 
 def test_stream_text_sends_only_settled_text_and_stops_before_a_stop_string():
-    from shardgen.compat.streaming import stream_text
+    from shardgen.workers.streaming import text_stream as stream_text
 
     letters = _Letters("Hello STOP world")
     pieces = list(stream_text(letters, range(len(letters.text)), stop=["STOP"]))
@@ -371,22 +371,25 @@ def test_stream_text_sends_only_settled_text_and_stops_before_a_stop_string():
     assert list(stream_text(letters, range(5))) == list("Hello")  # no stop strings: every token at once
 
     class HalfCharacters:
-        """"é" spans tokens 3 and 4: the first alone decodes as U+FFFD."""
+        """A byte tokenizer: token i is the i-th byte of "café", so "é" spans tokens 3 and 4 and the first alone
+        decodes as U+FFFD."""
 
         def decode(self, ids, skip_special_tokens=True):
-            return {1: "c", 2: "ca", 3: "caf", 4: "caf\ufffd", 5: "café"}[len(ids)]
+            return bytes("café".encode()[i] for i in ids).decode("utf-8", errors="replace")
 
     assert list(stream_text(HalfCharacters(), range(5))) == ["c", "a", "f", "é"]  # never the half character
 
 
-def test_stream_token_ids_refuses_what_cannot_stream(tiny_model_dir):
-    from shardgen.compat.streaming import stream_token_ids
+def test_stream_token_ids_refuses_what_cannot_stream(tiny_loaded):
     from shardgen.schemas.sampling import SamplingParams
+    from shardgen.workers.engine import Engine
+    from shardgen.workers.generation import GenerationRequest
+    from shardgen.workers.streaming import token_stream
 
     with pytest.raises(InvalidParameter, match="streaming makes one sample, got n=2"):
-        next(stream_token_ids(None, [1, 2], SamplingParams(n=2), seed=0))
+        next(token_stream(None, GenerationRequest([1, 2]), SamplingParams(n=2)))
     with pytest.raises(InvalidParameter, match="max_length=2 leaves no room to generate"):
-        next(stream_token_ids(None, [1, 2], SamplingParams(max_length=2), seed=0))
+        next(token_stream(Engine(tiny_loaded), GenerationRequest([1, 2]), SamplingParams(max_length=2)))
 
 
 def test_inferencer_load_errors_are_the_ones_the_suite_catches(inferencer_factory, tmp_path, monkeypatch):

@@ -20,12 +20,11 @@ from shardgen.schemas.runtime import RuntimeOptions
 from shardgen.schemas.sampling import SamplingParams
 from shardgen.schemas.shard import InputRow
 
-from .engine import Finished, NewToken
-from .engine.stop import IncrementalText, truncate_at_stop
-from .generation import GenerationOutput, GenerationRequest, Sample, request_error
+from .generation import GenerationOutput, GenerationRequest, Sample
 from .generators import load_generator
 from .models.default_model import DEFAULT_MODEL_ALIAS
 from .prompts import tokenize_row
+from .streaming import text_stream, token_stream
 
 Message = Mapping[str, Any]
 
@@ -140,45 +139,15 @@ class LLM:
         """Yield the answer to one prompt (or conversation) in pieces as they are generated. A prompt that cannot
         be generated from raises InvalidParameter with the reason."""
         sampling = self.params(**params)
-        if sampling.n != 1:
-            raise InvalidParameter(f"stream makes one sample, got n={sampling.n}", "use generate for several samples")
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         request = self._requests([messages], sampling)[0]
-        problem = request_error(len(request.prompt_ids), sampling, self.loaded.context_length)
-        if problem:
-            raise InvalidParameter(problem)
-        text = IncrementalText(self.tokenizer)
-        sent = ""
-        for event in self._events([request], sampling):
-            if isinstance(event, NewToken):
-                text.add(event.token_id)
-                ready = _settled_prefix(truncate_at_stop(text.text, sampling.stop)[0], sampling.stop)
-                if len(ready) > len(sent):
-                    yield ready[len(sent) :]
-                    sent = ready
-            elif isinstance(event, Finished):
-                if event.output.error:
-                    raise InvalidParameter(event.output.error)
-                final = event.output.samples[0].text
-                if final.startswith(sent) and len(final) > len(sent):
-                    yield final[len(sent) :]
+        yield from text_stream(self.tokenizer, token_stream(self.generator, request, sampling), sampling.stop)
 
     def _run(self, conversations: list[list[Message]], params: Mapping[str, Any]) -> list[Completion]:
         sampling = self.params(**params)
         requests = self._requests(conversations, sampling)
         outputs = self.generator.generate(requests, sampling) if requests else []
         return [Completion.from_output(o, r.prompt_ids) for o, r in zip(outputs, requests)]
-
-    def _events(self, requests: list[GenerationRequest], sampling: SamplingParams) -> Iterator[Any]:
-        """Token events where the generator streams them; otherwise only the finished outputs."""
-        events = getattr(self.generator, "events", None)
-        if events is not None:
-            yield from events(requests, sampling)
-            return
-        for index, output in enumerate(self.generator.generate(requests, sampling)):
-            for token in output.samples[0].token_ids if output.samples else []:
-                yield NewToken(index, 0, token, 0.0)
-            yield Finished(index, output)
 
     def _requests(self, conversations: list[list[Message]], sampling: SamplingParams) -> list[GenerationRequest]:
         base_seed = sampling.seed if sampling.seed is not None else random.randrange(2**31)
@@ -219,13 +188,3 @@ def plain_quantization_config(config: Any) -> dict[str, Any]:
             )
         config = {key: value for key, value in to_dict().items() if key in QUANTIZATION_FIELDS and value is not None}
     return {key: dtype_name(value) for key, value in config.items()}
-
-
-def _settled_prefix(text: str, stop: Sequence[str]) -> str:
-    """The part of the text that can no longer change: not a half-decoded character, not a possible stop start."""
-    end = len(text.rstrip("\ufffd"))
-    held = max(
-        (size for s in stop for size in range(1, min(len(s) - 1, end) + 1) if text[end - size : end] == s[:size]),
-        default=0,
-    )
-    return text[: end - held]

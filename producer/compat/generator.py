@@ -14,9 +14,10 @@ from typing import Any, Iterator, Sequence
 
 from shardgen.schemas.run import row_seed
 from shardgen.workers.api import LLM
+from shardgen.workers.generation import GenerationRequest
 from shardgen.workers.prompts import tokenize_text
+from shardgen.workers.streaming import token_stream
 
-from .streaming import stream_token_ids
 from .texts import full_texts
 
 
@@ -64,7 +65,7 @@ class Generator:
                                    **params)
         prompt_ids = tokenize_text(self.tokenizer, prompt, templated=False).ids  # raw text, as generate sends
         seed = row_seed(sampling.seed if sampling.seed is not None else random.randrange(2**31), 0)
-        yield from stream_token_ids(self.llm.generator, prompt_ids, sampling, seed)
+        yield from token_stream(self.llm.generator, GenerationRequest(prompt_ids, seed=seed), sampling)
 
 
 def _same_place(a: str, b: str) -> bool:

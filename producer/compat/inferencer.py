@@ -27,8 +27,7 @@ from shardgen.schemas.sampling import SamplingParams
 from shardgen.workers.generation import EngineOOM, GenerationRequest, Generator
 from shardgen.workers.models.loader import LoadedModel
 from shardgen.workers.shard_processing import generate_halving_on_oom
-
-from .streaming import stream_text, stream_token_ids
+from shardgen.workers.streaming import text_stream, token_stream
 
 SECTION = "inferencer"
 DEFAULT_OUTPUT = "inferencer_output.jsonl"
@@ -140,7 +139,6 @@ class Inferencer:
         """The model and tokenizer, loaded once. A model that cannot be found raises ModelNotFoundError;
         running out of memory while loading raises OutOfMemoryError."""
         import torch
-
         from shardgen.producer.config import build_model_spec
         from shardgen.workers.models.loader import load_model
 
@@ -221,8 +219,8 @@ class Inferencer:
     def stream_inference(self, prompt: str) -> Iterator[str]:
         """The answer to one prompt (as `process_dataset` makes them) in pieces of text as it is generated."""
         spec = self._spec()
-        ids = stream_token_ids(self._engine(), self._prompt_ids(prompt, spec), spec.params, spec.row_seed(0))
-        yield from stream_text(self.tokenizer, ids, spec.params.stop)
+        request = GenerationRequest(self._prompt_ids(prompt, spec), seed=spec.row_seed(0))
+        yield from text_stream(self.tokenizer, token_stream(self._engine(), request, spec.params), spec.params.stop)
 
     def _spec(self) -> RunSpec:
         """The run spec of the section as it is now; a dataset given in memory needs no testing_data_id."""
@@ -253,7 +251,6 @@ class Inferencer:
     def run(self) -> list[dict[str, Any]]:
         """Answer the whole test set; write and return the rows in input order."""
         import pyarrow.parquet as pq
-
         from shardgen.producer.embedded import run_embedded
         from shardgen.schemas.runtime import RuntimeOptions
 
