@@ -349,7 +349,7 @@ def submit(as_json: bool, resume_id: str | None, **kwargs: Any) -> None:
         submitted = submit_run(spec, work_dir, store, console)
     run_id = submitted.spec.run_id
     if as_json:
-        print_json({**run_status(store.record(run_id), time.time()), "spec": submitted.spec.to_dict()})
+        print_json({**run_status(store.record(run_id), store.now()), "spec": submitted.spec.to_dict()})
         return
     out.print(run_id, highlight=False, soft_wrap=True)
     model = submitted.spec.model
@@ -366,7 +366,8 @@ def submit(as_json: bool, resume_id: str | None, **kwargs: Any) -> None:
 @storage_option
 @one_line_errors
 def retry(run_id: str, broker: str | None, storage_options: str | None) -> None:
-    """Queue RUN_ID's failed, cancelled and lost shards again, and done ones whose result is gone.
+    """Queue RUN_ID's failed, cancelled and lost shards again, done ones whose result is gone, and done ones with
+    failed rows (a row that fails for its own reasons, such as a prompt longer than the context, fails again).
 
     Workers read their input from the run's staged copy, so the original input is not needed.
     """
@@ -377,10 +378,10 @@ def retry(run_id: str, broker: str | None, storage_options: str | None) -> None:
     _use_storage_options(storage_options)
     store = _store(broker)
     record = store.record(run_id, details=False)
-    requeued = redo_run(store, RunLayout(record.work_dir, run_id, record.spec.shard_size))
+    requeued = redo_run(store, RunLayout(record.work_dir, run_id, record.spec.shard_size), failed_rows=True)
     Doorbell.of(store).ring(record.queue)
     if not requeued:
-        console.print(f"run {run_id} has nothing to retry: every shard is done or running")
+        console.print(f"run {run_id} has nothing to retry: every shard is done, without failed rows, or running")
         return
     console.print(f"queued {requeued} shard(s) of run {run_id} again")
 
@@ -503,10 +504,9 @@ def status(run_id: str | None, broker: str | None, as_json: bool, watch: bool, i
 
 
 def _run_status(store: Any, run_id: str) -> dict[str, Any]:
-    from shardgen.workers.lifecycle import run_status
+    from shardgen.workers.lifecycle import current_status
 
-    record = store.record(run_id)
-    return run_status(record, time.time(), queue_depth=store.queue_depth(record.queue), workers=store.workers())
+    return current_status(store, run_id)
 
 
 # ---------------------------------------------------------------- collect

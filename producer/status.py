@@ -31,6 +31,7 @@ def status_view(status: dict[str, Any]) -> Group:
             ("elapsed", human_duration(status["elapsed_s"])),
             ("ETA", human_duration(status["eta_s"])),
             ("retries/reassigned/halvings", f"{status['retries']} / {status['reassigned']} / {status['batch_halvings']}"),
+            ("worker faults/storage errors", f"{status['worker_faults']} / {status['storage_errors']}"),
             ("queue", f"{status['queue']}" + (f" ({status['queue_depth']['waiting']:,} waiting, {status['queue_depth']['backoff']:,} in backoff)" if "queue_depth" in status else "")),
         ],
     )
@@ -41,6 +42,12 @@ def status_view(status: dict[str, Any]) -> Group:
             [(w["worker"], w["device"], "-" if w["shard_index"] is None else f"{w['shard_index']} of {w['run_id']}",
               f"{w['last_heartbeat_s_ago']:.0f}s ago") for w in status["workers"]],
             no_wrap=("worker", "shard"),
+        ))
+    if status.get("stopped_workers"):
+        parts.append(rows_table(
+            "workers that stopped themselves", ["worker", "when", "why"],
+            [(w["worker"], f"{human_duration(w['stopped_s_ago'])} ago", w["reason"]) for w in status["stopped_workers"]],
+            no_wrap=("worker",),
         ))
     if status["failed_shards"]:
         parts.append(

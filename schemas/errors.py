@@ -51,6 +51,11 @@ class StorageError(ShardgenError):
     """A location cannot be read or written: missing, denied, no credentials, unknown protocol."""
 
 
+class TransientStorageError(StorageError):
+    """The store failed in a way that may pass (a connection error, a timeout, a throttled or 5xx request): a
+    worker retries the shard with backoff for minutes before the failure spends one of its retries."""
+
+
 class ModelNotFoundError(ModelError):
     """No model by that name: not an alias, not a checkpoint on disk, and not on the hub (or the hub is out of
     reach and the model is not cached)."""

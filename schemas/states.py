@@ -59,3 +59,18 @@ class Outcome(str, Enum):
     """The worker is shutting down and took nothing."""
     REJECTED = "rejected"
     """The message was malformed, foreign or meant for another queue; it was not executed."""
+
+
+class Fault(str, Enum):
+    """Whose fault a failed attempt was; it decides which budget the failure spends (lifecycle scripts/fail.lua).
+    A row's own problem (too long, a template that refuses it, a value out of range) is none of these: it is
+    that row's error, and the shard goes on."""
+
+    SHARD = "shard"
+    """The shard's own (its input cannot be read, a bug it triggers): retried after a backoff, up to max_retries."""
+    WORKER = "worker"
+    """The worker's (a CUDA error, an exception that hit every row, a stall): the shard goes straight back to its
+    queue for another worker, spending no retry; the worker counts it towards stopping itself."""
+    STORAGE = "storage"
+    """The work directory's (a connection error, a timeout, a throttled request): retried with backoff for
+    minutes (SHARDGEN_STORAGE_PATIENCE_SECONDS) before it spends a retry."""

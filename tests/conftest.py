@@ -183,11 +183,9 @@ def wait_until(condition, *, timeout: float, what: str, interval: float = 0.2):
 
 def run_status_now(run_id: str, broker: str) -> dict:
     """A run's status as `status --json` computes it, read in process (fast enough to poll)."""
-    from shardgen.workers.lifecycle import RunStore, run_status
+    from shardgen.workers.lifecycle import RunStore, current_status
 
-    store = RunStore(broker)
-    record = store.record(run_id)
-    return run_status(record, time.time(), queue_depth=store.queue_depth(record.queue), workers=store.workers())
+    return current_status(RunStore(broker), run_id)
 
 
 class EngineWrapper:

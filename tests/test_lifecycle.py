@@ -12,7 +12,7 @@ import pytest
 
 from shardgen.schemas.model import ModelSpec
 from shardgen.schemas.run import RunSpec
-from shardgen.schemas.states import RunState
+from shardgen.schemas.states import Fault, RunState
 from shardgen.workers.lifecycle import RunStore, run_status
 from shardgen.workers.queue.doorbell import WAKE_WINDOW, Doorbell
 from shardgen.workers.lifecycle.policy import retry_delay
@@ -76,9 +76,15 @@ def counters(store, run_id):
 
 
 def expire_lease(store, claim, clock):
-    """What a killed worker leaves: its lease runs out."""
+    """What a killed worker leaves: its lease runs out, while the rest of the fleet goes on talking to Redis."""
     store.redis.delete(store.lease_key(claim.run_id, claim.shard_index))
     clock.advance(60)
+    peers_were_alive(store, clock)
+
+
+def peers_were_alive(store, clock):
+    """What live workers' watchdogs leave behind: Redis heard from the fleet just now (no outage)."""
+    store.redis.set(f"{store.prefix}:seen", clock.now)
 
 
 # ---------------------------------------------------------------- claim
@@ -297,3 +303,72 @@ def test_redis_holds_metadata_not_rows(store):
     assert store.record(small).rows_total == 100 and store.record(large).rows_total == 100_000
     keys = {k.decode() for k in store.redis.keys("*")}
     assert keys == {"sg:runs", QUEUE, f"sg:run:{small}", f"sg:run:{large}"}
+
+
+# ---------------------------------------------------------------- whose fault
+def test_a_worker_fault_sends_the_shard_to_another_worker_and_spends_no_retry(store, clock):
+    run_id = new_run(store, shards=2, max_retries=0)
+    sick = store.claim_next(QUEUE, "sick")
+    assert store.fail(sick, "the device failed", Fault.WORKER) == ("retry", 0.0)  # no backoff: at once, elsewhere
+    assert store.claim_next(QUEUE, "healthy").shard_index == 1  # back at the end of the queue
+    again = store.claim_next(QUEUE, "healthy")
+    assert (again.shard_index, again.attempt) == (0, 2)
+    record = store.record(run_id)
+    assert record.worker_faults == 1 and record.retries == 0 and store.shards(run_id, [0])[0].failures == 0
+    for _ in range(2 * (0 + 1) - 1):  # a shard that faults every worker ends, after 2 * (max_retries + 1) retries
+        assert store.fail(again, "the device failed", Fault.WORKER)[0] == "retry"
+        again = store.claim_next(QUEUE, "another")
+    assert store.fail(again, "the device failed", Fault.WORKER) == ("failed", 0.0)
+    assert "faulted 3 times" in store.record(run_id).failed[0].error
+
+
+def test_storage_errors_back_off_for_minutes_before_they_spend_a_retry(store, clock):
+    from shardgen.workers.lifecycle.store import STORAGE_PATIENCE_S
+
+    run_id = new_run(store, shards=1, max_retries=0)
+    delays = []
+    while clock.now < 1_000_000 + STORAGE_PATIENCE_S:
+        claim = store.claim_next(QUEUE, "w")
+        outcome, delay = store.fail(claim, "cannot read s3://b/x: EndpointConnectionError", Fault.STORAGE)
+        assert outcome == "retry", f"failed after {clock.now - 1_000_000:.0f}s of storage errors"
+        delays.append(delay)
+        clock.advance(delay)
+    assert delays[:4] == [retry_delay(1), retry_delay(2), retry_delay(3), retry_delay(4)] and max(delays) == 60
+    assert store.fail(store.claim_next(QUEUE, "w"), "still down", Fault.STORAGE) == ("failed", 0.0)
+    record = store.record(run_id)
+    assert record.retries == 0 and record.storage_errors == len(delays) + 1
+
+
+def test_retry_redoes_shards_with_failed_rows_and_resume_does_not(store, clock):
+    run_id = new_run(store, shards=2)
+    for claim in (store.claim_next(QUEUE, "w"), store.claim_next(QUEUE, "w")):
+        store.complete(claim, f"obj-{claim.shard_index}", **{**stats(), "rows_failed": 3 * claim.shard_index})
+    assert store.record(run_id).rows_failed == 3
+    assert store.redo(run_id) == 0  # resume: every shard has its result
+    assert store.redo(run_id, failed_rows=True) == 1  # retry: shard 1's failed rows are generated again
+    record = store.record(run_id)
+    assert record.rows_failed == 0 and record.rows_done == 10 and record.shards["queued"] == 1
+    assert store.claim_next(QUEUE, "w").shard_index == 1
+
+
+def test_leases_that_ran_out_while_redis_was_away_are_not_reaped_as_deaths(store, clock):
+    run_id = new_run(store, shards=2)
+    first, second = store.claim_next(QUEUE, "w1"), store.claim_next(QUEUE, "w2")
+    store.renew(first)
+    store.redis.delete(store.lease_key(run_id, 0), store.lease_key(run_id, 1))
+    clock.advance(120)  # nobody reached Redis for two minutes: every lease ran out meanwhile
+    assert store.reap_expired_leases() == []  # an outage, not two deaths
+    assert store.renew(first) == RunState.RUNNING  # its worker takes its lease back
+    clock.advance(1)
+    assert store.reap_expired_leases() == []  # one more lease for the other...
+    clock.advance(store_lease_s())
+    store.renew(first)  # the live worker went on renewing meanwhile
+    assert store.reap_expired_leases() == [(run_id, 1, "queued")]  # ...whose worker did die
+    record = store.record(run_id)
+    assert record.reassigned == 1 and record.reacquired == 1 and record.shards["running"] == 1
+
+
+def store_lease_s():
+    from shardgen.workers.lifecycle.store import LEASE_MS
+
+    return LEASE_MS / 1000

@@ -249,3 +249,40 @@ def test_a_max_length_without_room_is_that_rows_error_on_every_generator(tmp_pat
     assert fitting["error"] is None and fitting["generated_tokens"] == 2
     assert refused["finish_reason"] == "error" and refused["generation"] is None
     assert refused["error"].startswith(f"max_length={lengths[0] + 2} leaves no room to generate: the prompt alone has {lengths[1]}")
+
+
+class RaisesOn(EngineWrapper):
+    """The real engine, except that any batch holding a prompt for which `bad(prompt_ids)` is true raises."""
+
+    def __init__(self, engine, bad, error="ValueError: this row breaks the kernel"):
+        super().__init__(engine)
+        self.bad, self.error = bad, error
+
+    def generate(self, requests, params, *, on_output=None, should_stop=None):
+        if any(self.bad(r.prompt_ids) for r in requests):
+            raise RuntimeError(self.error)
+        return super().generate(requests, params, on_output=on_output, should_stop=should_stop)
+
+
+def test_a_row_that_raises_fails_alone_but_every_row_raising_fails_the_attempt(tmp_path, spec, tiny_loaded):
+    from shardgen.workers.faults import WorkerFault
+
+    engine = make_generator(tiny_loaded, batch_size=4)
+    shard = Shard(spec.run_id, 0, rows("hello", "what is up", "tell me more", "and more"))
+    breaking = prompt_ids(tiny_loaded, shard.rows[2], spec)
+    one_bad = RaisesOn(engine, lambda ids: ids == breaking)  # the batch raises, then only that row does
+    outcome = process_shard(shard, spec, tiny_loaded, one_bad, str(tmp_path / "one.parquet"))
+    assert outcome.rows_failed == 1 and outcome.rows == 4
+    assert "row breaks the kernel" in pq.read_table(tmp_path / "one.parquet").to_pylist()[2]["error"]
+    with pytest.raises(WorkerFault, match="every one of the shard's 4 row"):
+        process_shard(shard, spec, tiny_loaded, RaisesOn(engine, lambda ids: True), str(tmp_path / "all.parquet"))
+    with pytest.raises(WorkerFault, match="the device failed: RuntimeError: CUDA error: an illegal memory access"):
+        process_shard(shard, spec, tiny_loaded, RaisesOn(engine, lambda ids: True, "CUDA error: an illegal memory "
+                      "access was encountered"), str(tmp_path / "cuda.parquet"))
+    assert not (tmp_path / "all.parquet").exists() and not (tmp_path / "cuda.parquet").exists()
+
+
+def prompt_ids(loaded, row, spec):
+    from shardgen.workers.prompts import tokenize_row
+
+    return tokenize_row(loaded.tokenizer, row, chat_template=spec.chat_template).ids

@@ -120,9 +120,21 @@ def test_heartbeat_renews_publishes_progress_and_notices_cancel_and_takeover(wor
     assert beat.should_stop() and beat.stop_reason == "cancelled"
 
     taken = Heartbeat(ctx.store, claim, lease_ms=500)
-    ctx.store.redis.delete(ctx.store.lease_key(spec.run_id, 0))  # the lease ran out and another took it
+    ctx.store.redis.set(ctx.store.lease_key(spec.run_id, 0), "w2")  # the lease ran out and another took it
     taken.beat()
     assert taken.should_stop() and taken.stop_reason == "lost"
+
+
+def test_a_lease_that_ran_out_with_nobody_taking_the_shard_is_taken_back(world, clock):
+    """Redis away (or paused) for longer than a lease: the attempt goes on, and no death is counted."""
+    ctx, spec, _ = world
+    claim = ctx.store.claim_next(ctx.queue, "w1", lease_ms=500)
+    beat = Heartbeat(ctx.store, claim, lease_ms=500)
+    ctx.store.redis.delete(ctx.store.lease_key(spec.run_id, 0))  # ran out; no reaper has run since
+    beat.beat()
+    assert not beat.should_stop() and ctx.store.redis.get(ctx.store.lease_key(spec.run_id, 0)) == b"w1"
+    record = ctx.store.record(spec.run_id)
+    assert record.reacquired == 1 and record.reassigned == 0 and record.shards["running"] == 1
 
 
 def test_shutdown_gives_the_running_shard_back_at_once_after_the_grace(world):
@@ -142,8 +154,8 @@ def test_shutdown_gives_the_running_shard_back_at_once_after_the_grace(world):
 def test_a_shard_taken_over_stops_and_its_attempt_is_not_published(world, tmp_path):
     ctx, spec, layout = world
 
-    def steal():  # the lease runs out while the shard runs (this worker stalled); another may take it
-        ctx.store.redis.delete(ctx.store.lease_key(spec.run_id, 0))
+    def steal():  # the lease runs out while the shard runs (this worker stalled); another takes it
+        ctx.store.redis.set(ctx.store.lease_key(spec.run_id, 0), "w2")
 
     ctx.generator = Blocking(ctx.generator, on_start=steal)
     assert handle_message(message(ctx), ctx) == "lost"

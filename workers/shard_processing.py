@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 from shardgen.schemas.run import RunSpec
 from shardgen.schemas.shard import Shard
 
+from .faults import ROW_RAISED, WorkerFault, describe, is_device_error
 from .generation import EngineOOM, GenerationCancelled, GenerationOutput, GenerationRequest, Generator
 from .models.loader import LoadedModel
 from .prompts import PromptTokens, tokenize_row
@@ -92,6 +93,7 @@ def process_shard(
 
     requests = [GenerationRequest(prompts[p].ids, seed=spec.row_seed(rows[p].index)) for p in pending]  # type: ignore[union-attr]
     generated, halvings = generate_halving_on_oom(generator, requests, spec, on_row, should_stop)
+    check_not_every_row_raised(generated)
     for position, output in zip(pending, generated):
         outputs[position] = output
 
@@ -168,6 +170,14 @@ def generate_halving_on_oom(
         generator.batch_size = configured
 
 
+def check_not_every_row_raised(outputs: Sequence[GenerationOutput]) -> None:
+    """An exception that hit every row is not the rows' fault but the worker's: fail the attempt instead of
+    recording a shard of failed rows (another worker gets it)."""
+    if outputs and all(o.error is not None and o.error.startswith(ROW_RAISED) for o in outputs):
+        raise WorkerFault(f"every one of the shard's {len(outputs)} row(s) raised; the first: "
+                          f"{outputs[0].error.removeprefix(ROW_RAISED)}")
+
+
 def generate_rows(
     generator: Generator,
     requests: Sequence[GenerationRequest],
@@ -175,7 +185,8 @@ def generate_rows(
     on_output: Callable[[int, GenerationOutput], None] | None,
     should_stop: Callable[[], bool] | None = None,
 ) -> list[GenerationOutput]:
-    """Generate a batch; if the batch as a whole fails, go row by row so one bad row cannot sink the rest."""
+    """Generate a batch; if the batch as a whole fails, go row by row so one bad row cannot sink the rest. A
+    device error fails the whole attempt at once (WorkerFault): no later row on this device can be trusted."""
     if not requests:
         return []
     kwargs = {"should_stop": should_stop} if should_stop is not None else {}
@@ -184,8 +195,10 @@ def generate_rows(
     except (EngineOOM, GenerationCancelled, MemoryError):
         raise
     except Exception as exc:
+        if is_device_error(exc):
+            raise WorkerFault(f"the device failed: {describe(exc)}") from exc
         if len(requests) == 1:
-            output = GenerationOutput.failed(f"generation failed: {type(exc).__name__}: {exc}", len(requests[0].prompt_ids))
+            output = GenerationOutput.failed(f"{ROW_RAISED}{describe(exc)}", len(requests[0].prompt_ids))
             if on_output:
                 on_output(0, output)
             return [output]

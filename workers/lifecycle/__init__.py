@@ -4,7 +4,7 @@ its scripts move a run's state. It knows nothing of how workers are woken (worke
 """
 
 from .policy import check_resumable
-from .progress import run_status
+from .progress import current_status, run_status
 from .resume import missing_results, present_results, redo_run, unfinished_shards
 from .store import Claim, RunRecord, RunStore, ShardRecord, WorkerInfo
 
@@ -15,6 +15,7 @@ __all__ = [
     "ShardRecord",
     "WorkerInfo",
     "check_resumable",
+    "current_status",
     "missing_results",
     "present_results",
     "redo_run",

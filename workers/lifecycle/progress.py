@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from .store import RunRecord, WorkerInfo
+from .store import RunRecord, RunStore, WorkerInfo
+
+
+def current_status(store: RunStore, run_id: str) -> dict[str, Any]:
+    """What `status RUN_ID` shows: the run, its queue, the live workers of its queue, and those that stopped."""
+    record = store.record(run_id)
+    return run_status(record, store.now(), queue_depth=store.queue_depth(record.queue), workers=store.workers(),
+                      stopped=store.stopped_workers())
 
 
 def run_status(record: RunRecord, now: float, *, queue_depth: dict[str, int] | None = None,
-               workers: list[WorkerInfo] | None = None) -> dict[str, Any]:
-    """A JSON-ready summary of a run; `queue_depth` and `workers` add the queue and the live workers."""
+               workers: list[WorkerInfo] | None = None, stopped: list[WorkerInfo] | None = None) -> dict[str, Any]:
+    """A JSON-ready summary of a run; `queue_depth`, `workers` and `stopped` add the queue, the live workers and
+    the workers of its queue that stopped themselves (and why)."""
     in_flight_rows = sum(s.rows_done for s in record.running)
     rows_progress = record.rows_done + in_flight_rows
     end = record.finished_at or now
@@ -38,6 +46,9 @@ def run_status(record: RunRecord, now: float, *, queue_depth: dict[str, int] | N
         "retries": record.retries,
         "reassigned": record.reassigned,
         "batch_halvings": record.halvings,
+        "worker_faults": record.worker_faults,
+        "storage_errors": record.storage_errors,
+        "leases_taken_back": record.reacquired,
         "running_shards": [
             {"shard": s.index, "worker": s.worker, "rows_done": s.rows_done, "attempt": s.attempt} for s in record.running
         ],
@@ -52,5 +63,11 @@ def run_status(record: RunRecord, now: float, *, queue_depth: dict[str, int] | N
         status["workers"] = [
             {**info.__dict__, "last_heartbeat_s_ago": round(now - info.last_seen, 1)}
             for info in workers if info.queue == record.queue
+        ]
+    if stopped is not None:
+        status["stopped_workers"] = [
+            {"worker": info.worker, "host": info.host, "device": info.device, "reason": info.stopped,
+             "stopped_s_ago": round(now - info.last_seen, 1)}
+            for info in stopped if info.queue == record.queue
         ]
     return status

@@ -35,7 +35,7 @@ def missing_results(store: RunStore, layout: RunLayout) -> list[int]:
     ]
 
 
-def redo_run(store: RunStore, layout: RunLayout) -> int:
-    """Queue again every shard of the run without a result (failed, cancelled, lost); the caller rings the
-    doorbell of its queue."""
-    return store.redo(layout.run_id, missing_results(store, layout))
+def redo_run(store: RunStore, layout: RunLayout, *, failed_rows: bool = False) -> int:
+    """Queue again every shard of the run without a result (failed, cancelled, lost), and with `failed_rows`
+    (retry) every shard with failed rows; the caller rings the doorbell of its queue."""
+    return store.redo(layout.run_id, missing_results(store, layout), failed_rows=failed_rows)

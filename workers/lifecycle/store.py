@@ -10,6 +10,8 @@ Keys (prefix `sg`):
   sg.q.{model}              list   run|i|attempt: the shards waiting for a worker of that model (FIFO)
   sg:delayed:sg.q.{model}   zset   run|i|attempt -> when a failed shard's backoff ends
   sg:workers                hash   worker id -> JSON (queue, device, host, current shard, last heartbeat)
+  sg:stopped                hash   worker id -> JSON: a worker that stopped itself (sick, stalled) and why
+  sg:seen                   string when a worker last renewed or reaped (Redis time): a long silence is an outage
 
 A shard is always in exactly one place: an entry in its queue (or its backoff set), or a lease, or ended.
 Each transition moves it in one script, so no crash between two calls can leave a shard that nothing moves.
@@ -18,9 +20,9 @@ Redis holds metadata only; a run's rows are staged in its work directory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import time
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from typing import Any, Callable, Iterable
@@ -28,14 +30,21 @@ from typing import Any, Callable, Iterable
 from shardgen.schemas.errors import RunNotFound
 from shardgen.schemas.run import RunSpec
 from shardgen.schemas.shard import check_run_id
-from shardgen.schemas.states import Outcome, RunState, ShardState
+from shardgen.schemas.states import Fault, Outcome, RunState, ShardState
 
 from . import policy
 
 PREFIX = "sg"
 LEASE_MS = int(float(os.environ.get("SHARDGEN_LEASE_SECONDS", "30")) * 1000)
 """How long a running shard's lease lasts unless renewed; a worker renews it every few seconds."""
+QUIET_MS = max(LEASE_MS // 2, 1000)
+"""When no worker has renewed or reaped for this long, Redis (or the whole fleet) was away: leases that ran out
+meanwhile get one more lease before they are reaped (scripts/reap.lua)."""
+STORAGE_PATIENCE_S = float(os.environ.get("SHARDGEN_STORAGE_PATIENCE_SECONDS", "900"))
+"""How long a shard's storage errors in a row are retried with backoff before they spend its retries."""
 CLAIM_POPS = 100
+STOPPED_KEPT_S = 24 * 3600.0
+"""How long `status` lists a worker that stopped itself."""
 """Stale entries one claim may skip before it gives up for this call."""
 SHARD_STATES = tuple(state.value for state in ShardState)
 
@@ -62,7 +71,12 @@ class ShardRecord:
     generated_tokens: int = 0
     seconds: float = 0.0
     failures: int = 0
+    """Failed attempts that were the shard's own fault (they spend the run's max_retries)."""
+    faults: int = 0
+    """Attempts failed by their worker's fault (a sick device, a stall)."""
+    storage_errors: int = 0
     reassigned: int = 0
+    """Times its worker died running it (its lease ran out and was reaped)."""
     released: int = 0
     halvings: int = 0
     error: str | None = None
@@ -96,6 +110,10 @@ class RunRecord:
     retries: int = 0
     reassigned: int = 0
     halvings: int = 0
+    worker_faults: int = 0
+    storage_errors: int = 0
+    reacquired: int = 0
+    """Leases that ran out during an outage and were taken back by the worker that held them."""
     created_at: float = 0.0
     started_at: float | None = None
     finished_at: float | None = None
@@ -123,13 +141,18 @@ class WorkerInfo:
     run_id: str | None = None
     shard_index: int | None = None
     metrics_port: int | None = None
+    model: dict[str, Any] | None = None
+    """The identity of the weights it serves (ModelSpec.identity)."""
+    stopped: str | None = None
+    """Why it stopped itself (sick, stalled), in `stopped_workers`."""
 
 
 class RunStore:
-    """Every read and transition of run state. `clock` is injectable so tests can move time."""
+    """Every read and transition of run state. Time is Redis's (TIME, inside the scripts), so no worker's clock
+    decides a lease or a backoff; `clock` replaces it only in tests that move time."""
 
     def __init__(self, url: str | None = None, *, client: Any = None, prefix: str = PREFIX,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] | None = None):
         if client is None:
             from ..redis_conn import broker_url, connect
 
@@ -144,6 +167,13 @@ class RunStore:
             name: client.register_script(prelude + "\n" + _script_text(name))
             for name in ("claim", "renew", "complete", "fail", "release", "reap", "redo", "cancel")
         }
+
+    def now(self) -> float:
+        """Seconds since the epoch by Redis's clock (or the test's)."""
+        if self.clock is not None:
+            return self.clock()
+        seconds, micros = self.redis.time()
+        return int(seconds) + int(micros) / 1e6
 
     # ------------------------------------------------------------------ keys
     def run_key(self, run_id: str) -> str:
@@ -163,13 +193,14 @@ class RunStore:
         return f"{self.prefix}:workers"
 
     def _run(self, name: str, *args: Any) -> Any:
-        return self._scripts[name](keys=[], args=[self.prefix, repr(self.clock()), *args])
+        now = "" if self.clock is None else repr(self.clock())  # '': the script reads Redis's TIME
+        return self._scripts[name](keys=[], args=[self.prefix, now, *args])
 
     # ------------------------------------------------------------------ creating a run
     def create_run(self, spec: RunSpec, work_dir: str, rows_total: int, shards_total: int) -> str:
         """Record the run and queue every shard, in one transaction; returns the queue's name."""
         queue = spec.model.queue
-        now = self.clock()
+        now = self.now()
         counters = {f"shards_{state}": 0 for state in SHARD_STATES}
         counters["shards_queued"] = shards_total
         pipe = self.redis.pipeline(transaction=True)
@@ -177,7 +208,8 @@ class RunStore:
             "spec": spec.to_json(), "state": RunState.QUEUED.value, "work_dir": work_dir, "queue": queue,
             "rows_total": rows_total, "shards_total": shards_total, "max_retries": spec.max_retries,
             "rows_done": 0, "rows_failed": 0, "prompt_tokens": 0, "generated_tokens": 0,
-            "retries": 0, "reassigned": 0, "halvings": 0, "created_at": now, **counters,
+            "retries": 0, "reassigned": 0, "halvings": 0, "worker_faults": 0, "storage_errors": 0, "reacquired": 0,
+            "created_at": now, **counters,
         })
         pipe.zadd(f"{self.prefix}:runs", {spec.run_id: now})
         for start in range(0, shards_total, 2000):
@@ -213,6 +245,9 @@ class RunStore:
             retries=number("retries"),
             reassigned=number("reassigned"),
             halvings=number("halvings"),
+            worker_faults=number("worker_faults"),
+            storage_errors=number("storage_errors"),
+            reacquired=number("reacquired"),
             created_at=float(data.get("created_at", 0)),
             started_at=float(data["started_at"]) if data.get("started_at") else None,
             finished_at=float(data["finished_at"]) if data.get("finished_at") else None,
@@ -248,7 +283,7 @@ class RunStore:
         """Entries a claim could take now: waiting ones plus retries whose backoff is over."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.llen(queue)
-        pipe.zcount(self.delayed_key(queue), "-inf", self.clock())
+        pipe.zcount(self.delayed_key(queue), "-inf", self.now())
         waiting, due = pipe.execute()
         return int(waiting) + int(due)
 
@@ -267,7 +302,7 @@ class RunStore:
     def renew(self, claim: Claim, rows_done: int | None = None, lease_ms: int = LEASE_MS) -> RunState | Outcome:
         """Extend the lease; returns the run's state, or Outcome.LOST when another attempt took the shard over."""
         rows = "" if rows_done is None else rows_done
-        answer = _string(self._run("renew", claim.run_id, claim.shard_index, claim.worker, lease_ms, rows))
+        answer = _string(self._run("renew", claim.run_id, claim.shard_index, claim.worker, lease_ms, rows, claim.attempt))
         return Outcome.LOST if answer in (Outcome.LOST.value, "missing") else RunState(answer)
 
     def complete(self, claim: Claim, result: str, *, rows: int, rows_failed: int, prompt_tokens: int,
@@ -278,10 +313,12 @@ class RunStore:
                             rows, rows_failed, prompt_tokens, generated_tokens, repr(seconds), batch_halvings)
         return Outcome(_string(outcome))
 
-    def fail(self, claim: Claim, error: str) -> tuple[Outcome, float]:
-        """Record a failed attempt: (RETRY, backoff seconds), (FAILED, 0), (CANCELLED, 0) or (STALE, 0)."""
+    def fail(self, claim: Claim, error: str, fault: Fault = Fault.SHARD) -> tuple[Outcome, float]:
+        """Record a failed attempt: (RETRY, backoff seconds), (FAILED, 0), (CANCELLED, 0) or (STALE, 0). Whose
+        `fault` it was decides the budget it spends (scripts/fail.lua)."""
         outcome, delay = self._run("fail", claim.run_id, claim.shard_index, claim.worker, claim.attempt,
-                                   error[:2000], policy.BACKOFF_BASE_S, policy.BACKOFF_CAP_S)
+                                   error[:2000], policy.BACKOFF_BASE_S, policy.BACKOFF_CAP_S, Fault(fault).value,
+                                   STORAGE_PATIENCE_S)
         return Outcome(_string(outcome)), float(_string(delay))
 
     def release(self, claim: Claim, reason: str) -> Outcome:
@@ -293,16 +330,18 @@ class RunStore:
     def reap_expired_leases(self) -> list[tuple[str, int, ShardState]]:
         """(run, shard, the state it moved to) for each shard whose worker stopped renewing its lease; each is
         reaped once, whoever calls this."""
-        flat = _strings(self._run("reap"))
+        flat = _strings(self._run("reap", LEASE_MS, QUIET_MS))
         out = []
         for member, state in zip(flat[::2], flat[1::2]):
             run_id, index = member.rsplit("|", 1)
             out.append((run_id, int(index), ShardState(state)))
         return out
 
-    def redo(self, run_id: str, missing_results: Iterable[int] = ()) -> int:
-        """Queue again every shard without a result that is not running (see scripts/redo.lua)."""
-        requeued = int(self._run("redo", check_run_id(run_id), *sorted(set(missing_results))))
+    def redo(self, run_id: str, missing_results: Iterable[int] = (), *, failed_rows: bool = False) -> int:
+        """Queue again every shard without a result that is not running, and with `failed_rows` every done shard
+        with failed rows (see scripts/redo.lua)."""
+        requeued = int(self._run("redo", check_run_id(run_id), "1" if failed_rows else "0",
+                                 *sorted(set(missing_results))))
         if requeued < 0:
             raise _not_found(run_id)
         return requeued
@@ -321,9 +360,33 @@ class RunStore:
     def remove_worker(self, worker: str) -> None:
         self.redis.hdel(self.workers_key, worker)
 
+    @property
+    def stopped_key(self) -> str:
+        return f"{self.prefix}:stopped"
+
+    def worker_stopped(self, info: WorkerInfo, reason: str) -> None:
+        """A worker stops itself (its device is sick, its shard stalled): it leaves the live workers, and
+        `status` shows why for STOPPED_KEPT_S."""
+        stopped = dataclasses.replace(info, stopped=reason, last_seen=self.now())
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hdel(self.workers_key, info.worker)
+        pipe.hset(self.stopped_key, info.worker, json.dumps(stopped.__dict__))
+        pipe.execute()
+
+    def stopped_workers(self) -> list[WorkerInfo]:
+        """Workers that stopped themselves in the last STOPPED_KEPT_S seconds, and why; older entries are dropped."""
+        now = self.now()
+        recent, old = [], []
+        for raw in self.redis.hvals(self.stopped_key):
+            info = WorkerInfo(**json.loads(raw))
+            (recent if now - info.last_seen <= STOPPED_KEPT_S else old).append(info)
+        if old:
+            self.redis.hdel(self.stopped_key, *(info.worker for info in old))
+        return sorted(recent, key=lambda info: info.last_seen)
+
     def workers(self, *, live_within_s: float = policy.WORKER_LIVE_S) -> list[WorkerInfo]:
         """Workers that sent a heartbeat in the last `live_within_s` seconds; older entries are dropped."""
-        now = self.clock()
+        now = self.now()
         live, stale = [], []
         for worker, raw in self.redis.hgetall(self.workers_key).items():
             info = WorkerInfo(**json.loads(raw))

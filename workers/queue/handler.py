@@ -19,8 +19,9 @@ from shardgen.schemas.rows import shard_from_table
 from shardgen.schemas.run import RunSpec
 from shardgen.schemas.runtime import DEFAULT_GRACE_SECONDS
 from shardgen.schemas.shard import TakeShard
-from shardgen.schemas.states import Outcome
+from shardgen.schemas.states import Fault, Outcome
 
+from ..faults import describe, fault_of
 from ..generation import GenerationCancelled, Generator
 from ..lifecycle.store import LEASE_MS, Claim, RunStore, WorkerInfo
 from ..models.loader import LoadedModel
@@ -29,6 +30,7 @@ from ..storage import files
 from ..storage.run_files import new_attempt_token, publish_result, read_staged_shard
 from . import logs
 from .doorbell import Doorbell
+from .health import Health
 from .heartbeat import Heartbeat
 
 log = logging.getLogger("shardgen.worker")
@@ -65,6 +67,7 @@ class WorkerContext:
     """A WorkerMetrics (queue/metrics.py) or None."""
     metrics_port: int | None = None
     started_at: float = field(default_factory=time.time)
+    health: Health = field(default_factory=Health)
     current: Claim | None = None
     _runs: dict[str, tuple[RunSpec, RunLayout]] = field(default_factory=dict)
 
@@ -79,7 +82,7 @@ class WorkerContext:
     def info(self) -> WorkerInfo:
         return WorkerInfo(
             worker=self.worker_id, queue=self.queue, device=self.device, host=socket.gethostname(), pid=os.getpid(),
-            started_at=self.started_at, last_seen=self.store.clock(),
+            started_at=self.started_at, last_seen=self.store.now(),
             run_id=self.current.run_id if self.current else None,
             shard_index=self.current.shard_index if self.current else None, metrics_port=self.metrics_port,
         )
@@ -91,8 +94,10 @@ class Attempt:
 
     result: ShardOutcome | None = None
     stopped: str | None = None
-    """'lost', 'cancelled' or 'shutdown' (the heartbeat's stop reason)."""
+    """'lost', 'cancelled', 'shutdown' or 'stalled' (the heartbeat's stop reason)."""
     error: str | None = None
+    fault: Fault = Fault.SHARD
+    """Whose fault the error was (workers/faults.py)."""
     occupancy: float | None = None
     """The engine's batch occupancy over the shard."""
 
@@ -107,7 +112,7 @@ def handle_message(payload: Any, ctx: WorkerContext) -> Outcome:
     if refusal is not None:
         log.error("rejected message (not executed): %s", refusal)
         return Outcome.REJECTED
-    if ctx.shutdown.requested:
+    if ctx.shutdown.requested or ctx.health.stopped:
         return Outcome.DRAINING
     claim = ctx.store.claim_next(ctx.queue, ctx.worker_id, ctx.lease_ms)
     if claim is None:
@@ -123,6 +128,8 @@ def handle_message(payload: Any, ctx: WorkerContext) -> Outcome:
         ctx.current, logs.current_shard = None, None
     if ctx.metrics is not None:
         ctx.metrics.shard_ended(claim, outcome, attempt.result if outcome is Outcome.DONE else None, attempt.occupancy)
+    if ctx.health.attempt_ended(attempt.fault if attempt.error else None, attempt.error):
+        stop_worker(ctx, ctx.health.stopped)
     return outcome
 
 
@@ -138,7 +145,9 @@ def _refusal(payload: Any, ctx: WorkerContext) -> str | None:
 
 def run(claim: Claim, ctx: WorkerContext) -> Attempt:
     """Generate one claimed shard into its own attempt object, under a heartbeat that renews its lease."""
-    heartbeat = Heartbeat(ctx.store, claim, lease_ms=ctx.lease_ms, shutdown_deadline=lambda: ctx.shutdown.deadline)
+    heartbeat = Heartbeat(ctx.store, claim, lease_ms=ctx.lease_ms, shutdown_deadline=lambda: ctx.shutdown.deadline,
+                          stall_s=ctx.health.stall_s, on_stall=lambda: give_up_stalled(claim, ctx))
+    ctx.health.heartbeat = heartbeat
     heartbeat.start()
     stats_before = _engine_stats(ctx)
     try:
@@ -152,9 +161,10 @@ def run(claim: Claim, ctx: WorkerContext) -> Attempt:
     except GenerationCancelled:
         return Attempt(stopped=heartbeat.stop_reason or "cancelled")
     except Exception as exc:  # noqa: BLE001 - any failure of a shard is recorded and retried, never lost
-        return Attempt(error=exc.line() if isinstance(exc, ShardgenError) else f"{type(exc).__name__}: {exc}")
+        return Attempt(error=describe(exc), fault=fault_of(exc))
     finally:
         heartbeat.stop()
+        ctx.health.heartbeat = None
     stats = _engine_stats(ctx)
     occupancy = stats.since(stats_before).batch_occupancy if stats is not None and stats_before is not None else None
     return Attempt(result=result, occupancy=occupancy)
@@ -164,15 +174,18 @@ def record(claim: Claim, ctx: WorkerContext, attempt: Attempt) -> Outcome:
     """Tell the run store how the attempt ended; it decides what becomes of the shard."""
     where = f"shard {claim.shard_index} of run {claim.run_id}"
     if attempt.error is not None:
-        outcome, delay = ctx.store.fail(claim, attempt.error)
+        outcome, delay = ctx.store.fail(claim, attempt.error, attempt.fault)
         if outcome is Outcome.RETRY:
-            log.warning("%s failed (attempt %d), retrying in %.0fs: %s", where, claim.attempt, delay, attempt.error)
+            log.warning("%s failed (attempt %d, %s's fault), retrying in %.0fs: %s", where, claim.attempt,
+                        attempt.fault.value, delay, attempt.error)
         else:
             log.error("%s failed (attempt %d, %s): %s", where, claim.attempt, outcome.value, attempt.error)
         return outcome
     if attempt.stopped == "lost":
         log.info("%s stopped: another attempt took it over", where)
         return Outcome.LOST
+    if attempt.stopped == "stalled":  # give_up_stalled has already handed the shard back
+        return Outcome.RETRY
     if attempt.stopped is not None:
         outcome = ctx.store.release(claim, "shutdown" if attempt.stopped == "shutdown" else "cancelled")
         if outcome is Outcome.RELEASED:
@@ -199,6 +212,29 @@ def record(claim: Claim, ctx: WorkerContext, attempt: Attempt) -> Outcome:
     return outcome
 
 
+def give_up_stalled(claim: Claim, ctx: WorkerContext) -> None:
+    """The heartbeat saw no progress for stall_seconds (a hung kernel, a hung storage call): hand the shard to
+    another worker as this worker's fault, and stop this worker; its process exits, to be restarted, since the
+    thread that hangs may never come back."""
+    reason = f"stalled: shard {claim.shard_index} of run {claim.run_id} made no progress for {ctx.health.stall_s:g}s"
+    try:
+        outcome, _ = ctx.store.fail(claim, reason, Fault.WORKER)
+        log.error("%s; shard given up (%s)", reason, outcome.value)
+    finally:
+        ctx.health.stopped = reason
+        stop_worker(ctx, reason)
+        ctx.health.exit_stalled()
+
+
+def stop_worker(ctx: WorkerContext, reason: str) -> None:
+    """This worker takes no more shards: it says why where `status` shows it, and its process exits non-zero so the
+    supervisor or the platform restarts it."""
+    log.error("worker %s stops: %s", ctx.worker_id, reason)
+    ctx.shutdown.request()
+    ctx.store.worker_stopped(ctx.info(), reason)
+    ctx.health.request_exit()
+
+
 def _engine_stats(ctx: WorkerContext) -> Any:
     stats = getattr(ctx.generator, "stats", None)
     return stats.copy() if stats is not None else None
@@ -207,8 +243,11 @@ def _engine_stats(ctx: WorkerContext) -> Any:
 def watchdog_tick(ctx: WorkerContext) -> None:
     """Reap shards of dead workers, ring for what waits (retries whose backoff is over, wake-ups lost with dying
     workers), and report this worker live."""
+    ctx.health.report_alive()
     for run_id, index, state in ctx.store.reap_expired_leases():
         log.warning("shard %s of run %s lost its worker: now %s", index, run_id, state.value)
+    if ctx.health.stopped:
+        return
     if not ctx.shutdown.requested:
         ctx.doorbell.ring(ctx.queue)
     ctx.store.heartbeat_worker(ctx.info())

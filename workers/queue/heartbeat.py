@@ -20,15 +20,20 @@ class Heartbeat:
     must stop: the run was cancelled, or another attempt took the shard over (our lease is gone).
 
     `stop_reason` then says why ('cancelled' or 'lost'); `should_stop` also turns true once a shutdown's grace
-    period has passed ('shutdown'). The engine asks `should_stop` between decode steps.
+    period has passed ('shutdown'). The engine asks `should_stop` between decode steps, so each question is
+    progress, as each finished row is: with none for `stall_s` seconds the shard has stalled ('stalled'), and
+    `on_stall` gives it up. The lease is renewed only while the shard progresses.
     """
 
     def __init__(self, store: RunStore, claim: Claim, *, lease_ms: int = LEASE_MS,
-                 shutdown_deadline: Callable[[], float | None] = lambda: None):
+                 shutdown_deadline: Callable[[], float | None] = lambda: None,
+                 stall_s: float | None = None, on_stall: Callable[[], None] = lambda: None):
         self.store, self.claim, self.lease_ms = store, claim, lease_ms
         self.interval_s = policy.heartbeat_interval(lease_ms)
         self.rows_done = 0
         self.stop_reason: str | None = None
+        self.stall_s, self._on_stall = stall_s, on_stall
+        self.last_progress = time.monotonic()
         self._shutdown_deadline = shutdown_deadline
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="shardgen-heartbeat", daemon=True)
@@ -39,8 +44,14 @@ class Heartbeat:
 
     def row_done(self, *_: object) -> None:
         self.rows_done += 1
+        self.last_progress = time.monotonic()
+
+    @property
+    def stalled(self) -> bool:
+        return bool(self.stall_s) and time.monotonic() - self.last_progress > self.stall_s  # type: ignore[operator]
 
     def should_stop(self) -> bool:
+        self.last_progress = time.monotonic()
         if self.stop_reason is not None:
             return True
         deadline = self._shutdown_deadline()
@@ -65,6 +76,10 @@ class Heartbeat:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
+            if self.stalled:
+                self.stop_reason = "stalled"
+                self._on_stall()
+                return
             try:
                 self.beat()
             except Exception as exc:  # noqa: BLE001 - a Redis blip must not kill the shard; the next beat retries

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import time
 from typing import Any
@@ -24,6 +25,7 @@ from .config import CONFIG_ENV, WorkerConfig
 from .devices import claim_device
 from .doorbell import Doorbell
 from .handler import Shutdown, WorkerContext, watchdog_tick, worker_id
+from .health import EXIT_STOPPED, Health
 from .heartbeat import Watchdog
 from .logs import configure_logging
 from .metrics import WorkerMetrics
@@ -50,6 +52,8 @@ def start_worker(config: WorkerConfig) -> None:
         loaded=loaded, generator=generator, store=store, doorbell=Doorbell.of(store, app), queue=spec.queue,
         device=device, worker_id=worker_id(device), shutdown=Shutdown(config.runtime.grace_seconds),
         metrics_port=config.metrics_port,
+        # A worker that stops itself ends as SIGTERM ends it (Celery's warm shutdown), then exits EXIT_STOPPED.
+        health=Health.for_worker(config.runtime.stall_seconds, lambda: os.kill(os.getpid(), signal.SIGTERM)),
     )
     if config.metrics_port is not None:
         ctx.metrics = WorkerMetrics(model=spec.model, device=device, queue=spec.queue, worker=ctx.worker_id)
@@ -76,6 +80,8 @@ def serve(ctx: WorkerContext, app: Any, loglevel: str, name: str) -> None:
     finally:
         watchdog.stop()
         ctx.store.remove_worker(ctx.worker_id)
+    if ctx.health.stopped:
+        raise SystemExit(EXIT_STOPPED)
 
 
 def _load_what_shards_use() -> None:

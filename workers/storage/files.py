@@ -19,11 +19,14 @@ import uuid
 from typing import IO, Any, Iterator, Mapping
 from urllib.parse import urlsplit
 
-from shardgen.schemas.errors import StorageError
+from shardgen.schemas.errors import StorageError, TransientStorageError
 from shardgen.schemas.layout import is_url
 
 STORAGE_OPTIONS_ENV = "SHARDGEN_STORAGE_OPTIONS"
 PROTOCOL_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
+
+TRANSIENT_ERRNOS = (errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                    errno.EAGAIN, errno.EIO)
 
 _options: dict[str, Any] | None = None
 
@@ -115,9 +118,12 @@ def storage_error(exc: BaseException, location: str, action: str) -> StorageErro
         return StorageError(f"{where} does not exist", "check the path")
     if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return StorageError(f"cannot {action} {where}: {exc.strerror}", "choose a location you can write")
+    if isinstance(exc, (ConnectionError, TimeoutError)) or isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
+        return TransientStorageError(f"cannot {action} {where}: {name}: {text}", "check that the store is reachable")
     if isinstance(exc, OSError) and action not in ("read", "list"):
         return StorageError(f"cannot {action} {where}: {exc.strerror or _first_line(exc)}", "choose a location you can write")
-    return StorageError(f"cannot {action} {where}: {name}: {text}", "check the location and the storage credentials")
+    # What is left is mostly the network's and the store's: refused or reset connections, timeouts, 5xx, throttling.
+    return TransientStorageError(f"cannot {action} {where}: {name}: {text}", "check the location and the storage credentials")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,8 +1,14 @@
 -- Loaded in front of every lifecycle script: keys, a shard's record, per-state counters, the end of a run.
--- Every script takes ARGV[1] = key prefix and ARGV[2] = now (seconds since the epoch).
+-- Every script takes ARGV[1] = key prefix and ARGV[2] = now: '' for Redis's own clock (TIME), so that no
+-- worker's clock decides a lease or a backoff; a number (seconds since the epoch) only from a test's clock.
 local prefix = ARGV[1]
-local now = tonumber(ARGV[2])
+local function redis_now()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) + tonumber(time[2]) / 1000000
+end
+local now = ARGV[2] == '' and redis_now() or tonumber(ARGV[2])
 local leases_key = prefix .. ':leases'
+local seen_key = prefix .. ':seen'
 
 local function run_key(run) return prefix .. ':run:' .. run end
 local function shards_key(run) return run_key(run) .. ':shards' end

@@ -1,9 +1,19 @@
 -- Shards whose worker stopped renewing its lease (killed, host gone) go back to the front of their queue,
 -- each exactly once whoever runs this; a shard whose workers keep dying fails for good.
--- ARGV: prefix, now. Returns a flat list: run|index, the state it moved the shard to ('queued', 'failed' or
--- 'cancelled'), ...
+-- ARGV: prefix, now, lease_ms, quiet_ms. Returns a flat list: run|index, the state it moved the shard to
+-- ('queued', 'failed' or 'cancelled'), ...
+-- Every live worker calls renew or reap every few seconds. When nobody has for quiet_ms, Redis was away (paused,
+-- restarting, cut off) or the whole fleet was: leases that ran out meanwhile say nothing about deaths, so each
+-- gets one more lease to be renewed (renew.lua takes it back) before it is reaped.
+local lease_ms, quiet_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
+local last_seen = tonumber(redis.call('GET', seen_key) or now)
+redis.call('SET', seen_key, now)
 local expired = redis.call('ZRANGEBYSCORE', leases_key, '-inf', now * 1000, 'LIMIT', 0, 200)
 local out = {}
+if (now - last_seen) * 1000 > quiet_ms then
+  for _, member in ipairs(expired) do redis.call('ZADD', leases_key, now * 1000 + lease_ms, member) end
+  return out
+end
 for _, member in ipairs(expired) do
   local run, index = string.match(member, '^(.+)|(%d+)$')
   local ttl = redis.call('PTTL', lease_key(run, index))

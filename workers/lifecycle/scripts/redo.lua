@@ -1,19 +1,23 @@
 -- `retry` and `submit --resume`: queue again every shard that has no result and is not running: failed,
--- cancelled, queued shards of a cancelled run (their entries were dropped), and done shards whose result
--- object is gone (ARGV[3..]). A fresh failure budget for each; their counters are taken back.
--- ARGV: prefix, now, run, missing result indices... Returns how many shards were queued again.
+-- cancelled, queued shards of a cancelled run (their entries were dropped), done shards whose result
+-- object is gone (ARGV[5..]), and with ARGV[4] = '1' (retry) done shards with failed rows. A fresh failure
+-- budget for each; their counters are taken back.
+-- ARGV: prefix, now, run, redo_failed_rows, missing result indices... Returns how many shards were queued again.
 local run = ARGV[3]
 local key = run_key(run)
 local state = redis.call('HGET', key, 'state')
 if not state then return -1 end
 local missing = {}
-for i = 4, #ARGV do missing[ARGV[i]] = true end
+local failed_rows = ARGV[4] == '1'
+for i = 5, #ARGV do missing[ARGV[i]] = true end
 local requeued = 0
 for number = 0, tonumber(redis.call('HGET', key, 'shards_total')) - 1 do
   local index = tostring(number)
   local shard = load_shard(run, index)
+  local done_without_result = shard.state == 'done'
+    and (missing[index] or (failed_rows and (shard.rows_failed or 0) > 0))
   local redo = shard.state == 'failed' or shard.state == 'cancelled'
-    or (shard.state == 'queued' and state == 'cancelled') or (shard.state == 'done' and missing[index])
+    or (shard.state == 'queued' and state == 'cancelled') or done_without_result
   if redo then
     if shard.state == 'done' then
       -- 0 - x, not -x: Lua's -0 becomes the string "-0", which HINCRBY refuses
@@ -25,6 +29,9 @@ for number = 0, tonumber(redis.call('HGET', key, 'shards_total')) - 1 do
     shard.error = nil
     shard.failures = 0
     shard.reassigned = 0
+    shard.faults = 0
+    shard.storage_errors = 0
+    shard.storage_since = nil
     enqueue(run, index, shard, false)
     save_shard(run, index, shard)
     requeued = requeued + 1
