@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import time
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from typing import Any, Callable, Iterable
@@ -34,6 +36,8 @@ from shardgen.schemas.states import Fault, Outcome, RunState, ShardState
 
 from . import policy
 
+log = logging.getLogger("shardgen.worker")
+
 PREFIX = "sg"
 LEASE_MS = int(float(os.environ.get("SHARDGEN_LEASE_SECONDS", "30")) * 1000)
 """How long a running shard's lease lasts unless renewed; a worker renews it every few seconds."""
@@ -42,6 +46,9 @@ QUIET_MS = max(LEASE_MS // 2, 1000)
 meanwhile get one more lease before they are reaped (scripts/reap.lua)."""
 STORAGE_PATIENCE_S = float(os.environ.get("SHARDGEN_STORAGE_PATIENCE_SECONDS", "900"))
 """How long a shard's storage errors in a row are retried with backoff before they spend its retries."""
+REDIS_PATIENCE_S = float(os.environ.get("SHARDGEN_REDIS_PATIENCE_SECONDS", "600"))
+"""How long a worker keeps sending an attempt's outcome (complete, fail, release) to a Redis that cannot be reached
+before it gives up; each of those scripts answers the same when the same call arrives twice."""
 CLAIM_POPS = 100
 STOPPED_KEPT_S = 24 * 3600.0
 """How long `status` lists a worker that stopped itself."""
@@ -196,6 +203,22 @@ class RunStore:
         now = "" if self.clock is None else repr(self.clock())  # '': the script reads Redis's TIME
         return self._scripts[name](keys=[], args=[self.prefix, now, *args])
 
+    def _record(self, name: str, *args: Any) -> Any:
+        """Run a script that records how an attempt ended, through an outage of up to REDIS_PATIENCE_S: the
+        attempt's work is not thrown away because Redis restarts or fails over while it reports."""
+        import redis
+
+        deadline, delay = time.monotonic() + REDIS_PATIENCE_S, 0.5
+        while True:
+            try:
+                return self._run(name, *args)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                if isinstance(exc, redis.exceptions.AuthenticationError) or time.monotonic() > deadline:
+                    raise
+                log.warning("cannot reach Redis to record an attempt (%s); again in %.0fs", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 15.0)
+
     # ------------------------------------------------------------------ creating a run
     def create_run(self, spec: RunSpec, work_dir: str, rows_total: int, shards_total: int) -> str:
         """Record the run and queue every shard, in one transaction; returns the queue's name."""
@@ -309,14 +332,14 @@ class RunStore:
                  generated_tokens: int, seconds: float, batch_halvings: int = 0) -> Outcome:
         """Record `result` as the shard's result: DONE, or DUPLICATE when another attempt's was recorded first.
         Sending the same completion again (a retried reply) answers DONE again."""
-        outcome = self._run("complete", claim.run_id, claim.shard_index, claim.worker, claim.attempt, result,
+        outcome = self._record("complete", claim.run_id, claim.shard_index, claim.worker, claim.attempt, result,
                             rows, rows_failed, prompt_tokens, generated_tokens, repr(seconds), batch_halvings)
         return Outcome(_string(outcome))
 
     def fail(self, claim: Claim, error: str, fault: Fault = Fault.SHARD) -> tuple[Outcome, float]:
         """Record a failed attempt: (RETRY, backoff seconds), (FAILED, 0), (CANCELLED, 0) or (STALE, 0). Whose
         `fault` it was decides the budget it spends (scripts/fail.lua)."""
-        outcome, delay = self._run("fail", claim.run_id, claim.shard_index, claim.worker, claim.attempt,
+        outcome, delay = self._record("fail", claim.run_id, claim.shard_index, claim.worker, claim.attempt,
                                    error[:2000], policy.BACKOFF_BASE_S, policy.BACKOFF_CAP_S, Fault(fault).value,
                                    STORAGE_PATIENCE_S)
         return Outcome(_string(outcome)), float(_string(delay))
@@ -325,7 +348,7 @@ class RunStore:
         """Give a running shard back: 'shutdown' puts it at the front of its queue (RELEASED), 'cancelled' ends it
         (CANCELLED); STALE when this worker no longer held it."""
         assert reason in ("shutdown", "cancelled"), reason
-        return Outcome(_string(self._run("release", claim.run_id, claim.shard_index, claim.worker, claim.attempt, reason)))
+        return Outcome(_string(self._record("release", claim.run_id, claim.shard_index, claim.worker, claim.attempt, reason)))
 
     def reap_expired_leases(self) -> list[tuple[str, int, ShardState]]:
         """(run, shard, the state it moved to) for each shard whose worker stopped renewing its lease; each is
