@@ -407,6 +407,25 @@ def test_kubernetes_worker_requests_a_gpu_drains_within_its_grace_and_is_ready_f
     assert configmaps["shardgen"]["SHARDGEN_WORK_DIR"].startswith("s3://")
 
 
+def test_kubernetes_worker_is_restarted_when_its_alive_file_goes_stale(tmp_path):
+    """The liveness probe reads the worker's own stall signal: the file the watchdog touches while it progresses."""
+    from shardgen.workers.queue.health import ALIVE_FILE_ENV
+
+    (container,) = k8s_object("Deployment", "shardgen-worker")["spec"]["template"]["spec"]["containers"]
+    configmaps, secrets = k8s_site_objects()
+    alive = k8s_container_env(container, configmaps, secrets)[ALIVE_FILE_ENV]
+    command = container["livenessProbe"]["exec"]["command"]
+    assert container["startupProbe"]["httpGet"]["path"] == "/metrics"  # not before the model is loaded
+    local = tmp_path / "alive"
+    probe = [part.replace(alive, str(local)) for part in command]
+    assert subprocess.run(probe).returncode != 0  # never touched
+    local.touch()
+    assert subprocess.run(probe).returncode == 0
+    stale = local.stat().st_mtime - 7 * 60
+    os.utime(local, (stale, stale))
+    assert subprocess.run(probe).returncode != 0
+
+
 def test_kubernetes_redis_keeps_its_aof_on_a_volume_behind_its_service():
     service, statefulset = (
         k8s_object("Service", "shardgen-redis"),

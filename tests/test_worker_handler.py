@@ -182,3 +182,22 @@ def test_watchdog_reaps_dead_workers_shards_wakes_and_reports_this_worker(world,
     assert record.reassigned == 1 and record.shards["queued"] == 3 and record.state is RunState.RUNNING
     assert ctx.doorbell.bell.sent == 3
     assert [w.worker for w in ctx.store.workers()] == ["w1"]
+
+
+def test_the_alive_file_is_touched_while_the_worker_progresses_and_not_once_it_stalls(world, tmp_path):
+    from shardgen.workers.queue.health import Health
+
+    ctx, spec, _ = world
+    alive = tmp_path / "alive"
+    ctx.health = Health(stall_s=0.3, alive_file=str(alive))
+    watchdog_tick(ctx)
+    assert alive.exists()
+    claim = ctx.store.claim_next(ctx.queue, "w1", lease_ms=500)
+    ctx.health.heartbeat = Heartbeat(ctx.store, claim, lease_ms=500, stall_s=0.3)
+    alive.unlink()
+    watchdog_tick(ctx)
+    assert alive.exists()
+    alive.unlink()
+    ctx.health.heartbeat.last_progress -= 1  # no token, no row for longer than stall_s
+    watchdog_tick(ctx)
+    assert not alive.exists()
