@@ -10,7 +10,7 @@ from typing import Any, Callable
 import click
 
 from shardgen.schemas.errors import BrokerError, ShardgenError
-from shardgen.schemas.model import DTYPES, QUANTIZE_METHODS
+from shardgen.schemas.model import DTYPES, PINNED_ENGINES, QUANTIZE_METHODS, pinned_engine
 from shardgen.schemas.runtime import DEFAULT_GRACE_SECONDS, DEFAULT_STALL_SECONDS
 
 from shardgen.workers import BROKER_ENV, DEFAULT_BROKER_URL
@@ -318,6 +318,8 @@ def _show_results(output: str, output_column: str, limit: int) -> None:
 @model_options
 @generation_options
 @click.option("--max-retries", type=int, help="Retries of a failing shard before it is marked failed [default: 3].")
+@click.option("--engine", type=click.Choice(PINNED_ENGINES),
+              help="Serve the run only with workers of this engine [default: any engine].")
 @broker_option
 @storage_option
 @click.option("--resume", "resume_id", metavar="RUN_ID", help="Redo only the shards of RUN_ID without a result (same settings required).")
@@ -355,7 +357,7 @@ def submit(as_json: bool, resume_id: str | None, **kwargs: Any) -> None:
     model = submitted.spec.model
     console.print(
         f"{submitted.rows:,} rows in {submitted.shards:,} shards queued on {submitted.queue}; serve it with "
-        f"`shardgen worker --model {model.model}" + (f" --quantize {model.quantize}`" if model.quantize != "none" else "`"),
+        f"`shardgen worker {model.worker_flags()}`",
         highlight=False, soft_wrap=True,
     )
 
@@ -434,9 +436,11 @@ def worker(devices: str | None, **kwargs: Any) -> None:
 
     options = _collect_options(kwargs)
     settings = ("broker", "metrics_port", "metrics_host", "log_format", "loglevel", "name", "storage_options")
+    runtime = config_mod.build_runtime(options)
     config = WorkerConfig(
-        model=config_mod.build_model_spec(options),  # a bad option is refused here, not in every child
-        runtime=config_mod.build_runtime(options),
+        # a bad option is refused here, not in every child; the engine is part of the weights' identity
+        model=config_mod.build_model_spec(options, engine=pinned_engine(runtime.engine)),
+        runtime=runtime,
         **{key: options[key] for key in settings if options.get(key) is not None},
     )
     if devices:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from shardgen.schemas.errors import InvalidParameter
-from shardgen.schemas.model import ModelSpec
+from shardgen.schemas.model import ModelSpec, pinned_engine
 from shardgen.schemas.run import ColumnMapping, RunSpec
 from shardgen.schemas.runtime import RuntimeOptions
 from shardgen.schemas.sampling import ALIASES as PARAM_ALIASES
@@ -41,7 +41,7 @@ RUN_FIELDS = {"input", "split", "subset", "revision", "limit", "shard_size", "ch
 RUNTIME_FIELDS = {"device", "engine", "batch_size", "max_memory", "compile", "hf_token", "grace_seconds", "stall_seconds",
                   "work_dir", "broker", "output", "allow_partial", "storage_options", "metrics_port", "metrics_host",
                   "log_format", "loglevel", "name"}
-MODEL_OPTIONS = (MODEL_FIELDS - {"revision"}) | {"model_revision"}
+MODEL_OPTIONS = (MODEL_FIELDS - {"revision", "engine"}) | {"model_revision"}
 """ModelSpec's fields as options; its `revision` is `model_revision` (`revision` names the dataset's)."""
 BNB_SHORTCUTS = {"load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype"}
 ALL_FIELDS = COLUMN_FIELDS | MODEL_OPTIONS | PARAM_FIELDS | RUN_FIELDS | RUNTIME_FIELDS
@@ -127,12 +127,13 @@ def _given(options: Mapping[str, Any], names: set[str]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k in names and v is not None}
 
 
-def build_model_spec(options: Mapping[str, Any]) -> ModelSpec:
-    """The validated ModelSpec for merged options (run, submit and worker share it)."""
+def build_model_spec(options: Mapping[str, Any], *, engine: str | None = None) -> ModelSpec:
+    """The validated ModelSpec for merged options (run, submit and worker share it); `engine` is the one a run
+    pins, or the one a worker serves (schemas/model.py pinned_engine)."""
     fields = _given(options, MODEL_OPTIONS)
     if "model_revision" in fields:
         fields["revision"] = fields.pop("model_revision")
-    return ModelSpec(**fields)
+    return ModelSpec(**fields, engine=engine)
 
 
 def build_runtime(options: Mapping[str, Any]) -> RuntimeOptions:
@@ -148,7 +149,7 @@ def build_run_spec(options: Mapping[str, Any], **fixed: Any) -> RunSpec:
     run_fields["input"] = str(run_fields["input"])
     return RunSpec(
         columns=ColumnMapping(**_given(options, COLUMN_FIELDS)),
-        model=build_model_spec(options),
+        model=build_model_spec(options, engine=pinned_engine(options.get("engine"))),
         params=SamplingParams.from_mapping(_given(options, PARAM_FIELDS)),
         **run_fields,
         **fixed,

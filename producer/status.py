@@ -43,6 +43,13 @@ def status_view(status: dict[str, Any]) -> Group:
               f"{w['last_heartbeat_s_ago']:.0f}s ago") for w in status["workers"]],
             no_wrap=("worker", "shard"),
         ))
+    if "workers" in status and not status["workers"] and status["state"] in ("queued", "running"):
+        parts.append(f"no live worker serves this run: start one with `{status['serve_with']}`")
+    if status.get("other_workers"):
+        parts.append(rows_table(
+            "live workers of this model with other weights (they never take this run)", ["worker", "differs"],
+            [(w["worker"], w["differs"]) for w in status["other_workers"]], no_wrap=("worker",),
+        ))
     if status.get("stopped_workers"):
         parts.append(rows_table(
             "workers that stopped themselves", ["worker", "when", "why"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -14,6 +15,13 @@ QUANTIZE_METHODS = ("none", "nf4", "fp4", "int8", "gptq", "awq")
 BNB_METHODS = ("nf4", "fp4", "int8")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 GPTQ_BITS = (2, 3, 4, 8)
+PINNED_ENGINES = ("shardgen", "vllm", "hf-generate")
+"""Engines a run may ask for by name (`submit --engine`); a run that names none is served by any engine."""
+IDENTITY_FIELDS = ("model", "revision", "dtype", "quantize", "quantization_config", "engine")
+"""What makes two workers' weights the same weights: these decide the queue, and a worker checks them on claim."""
+SLUG_LENGTH = 80
+METHOD_FIELDS = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type")
+"""quantization_config fields that say no more than the method they imply."""
 
 # Fields of transformers' BitsAndBytesConfig a user may write in a `quantization_config` table.
 BNB_FIELDS = {
@@ -52,6 +60,8 @@ class ModelSpec:
     """Weights dtype: auto picks float32 on CPU and bfloat16 on CUDA."""
     revision: str | None = None
     trust_remote_code: bool = False
+    engine: str | None = None
+    """The generator the run pins (one of PINNED_ENGINES), or None: any."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -63,19 +73,51 @@ class ModelSpec:
             raise InvalidParameter(f"unknown dtype {self.dtype!r}", f"use one of {', '.join(DTYPES)}")
         if not isinstance(self.trust_remote_code, bool):
             raise InvalidParameter(f"trust_remote_code must be true or false, got {self.trust_remote_code!r}")
+        if self.engine is not None and self.engine not in PINNED_ENGINES:
+            raise InvalidParameter(f"a run cannot ask for engine {self.engine!r}", f"use one of {', '.join(PINNED_ENGINES)}")
         object.__setattr__(self, "quantize", quantize)
         object.__setattr__(self, "quantization_config", config)
 
     @property
+    def identity(self) -> dict[str, Any]:
+        """The weights this spec loads and how they run: equal identities give the same results."""
+        values = self.to_dict()
+        # Fields that only restate the method (load_in_4bit with nf4) change nothing.
+        values["quantization_config"] = {k: v for k, v in values["quantization_config"].items() if k not in METHOD_FIELDS}
+        return {name: values[name] for name in IDENTITY_FIELDS}
+
+    @property
     def slug(self) -> str:
-        """A name safe for queue names and file names: model plus quantization."""
-        base = re.sub(r"[^A-Za-z0-9._-]+", "_", self.model.strip().rstrip("/")).strip("_")[-80:]
-        return base if self.quantize == "none" else f"{base}@{self.quantize}"
+        """A name safe for queue names and file names: model plus quantization, plus a digest of the rest of the
+        identity (revision, dtype, quantization config, engine) when any of it is set or the name was cut."""
+        full = re.sub(r"[^A-Za-z0-9._-]+", "_", self.model.strip().rstrip("/")).strip("_")
+        base = full[-SLUG_LENGTH:]
+        slug = base if self.quantize == "none" else f"{base}@{self.quantize}"
+        rest = {k: v for k, v in self.identity.items() if k not in ("model", "quantize")}
+        if rest != {"revision": None, "dtype": "auto", "quantization_config": {}, "engine": None} or base != full:
+            digest = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:10]
+            slug = f"{slug}+{digest}"
+        return slug
 
     @property
     def queue(self) -> str:
-        """The Redis list of shards waiting for workers of this model and quantization (the run store's)."""
+        """The Redis list of shards waiting for workers of exactly this identity (the run store's)."""
         return f"sg.q.{self.slug}"
+
+    def worker_flags(self) -> str:
+        """The `shardgen worker` flags that serve this spec's queue."""
+        flags = [f"--model {self.model}"]
+        if self.quantize != "none":
+            flags.append(f"--quantize {self.quantize}")
+        if self.quantization_config:
+            flags.append(f"--quantization-config '{json.dumps(dict(self.quantization_config), sort_keys=True)}'")
+        if self.dtype != "auto":
+            flags.append(f"--dtype {self.dtype}")
+        if self.revision:
+            flags.append(f"--model-revision {self.revision}")
+        if self.engine:
+            flags.append(f"--engine {self.engine}")
+        return " ".join(flags)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -92,6 +134,21 @@ class ModelSpec:
         if unknown:
             raise InvalidParameter(f"unknown model field(s) {', '.join(sorted(unknown))}", f"use {', '.join(sorted(known))}")
         return cls(**{k: v for k, v in values.items() if v is not None})
+
+
+def pinned_engine(engine: str | None) -> str | None:
+    """The engine a worker started with `--engine` puts in its identity: a named one; auto and a
+    package.module:factory of your own serve the runs that pin none."""
+    return engine if engine in PINNED_ENGINES else None
+
+
+def identity_difference(wanted: Mapping[str, Any], served: Mapping[str, Any]) -> str | None:
+    """How the weights a worker serves differ from those a run wants ('revision main, the run wants v2'), or None."""
+    differences = [
+        f"{name} {served.get(name) or 'none'}, the run wants {wanted.get(name) or 'none'}"
+        for name in IDENTITY_FIELDS if (wanted.get(name) or None) != (served.get(name) or None)
+    ]
+    return "; ".join(differences) or None
 
 
 def _typed_fields(raw: Mapping[str, Any]) -> dict[str, Any]:

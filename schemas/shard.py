@@ -8,8 +8,9 @@ from typing import Any, Mapping
 
 from .errors import MessageError
 
-RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-QUEUE_PATTERN = re.compile(r"^[A-Za-z0-9._@-]{1,200}$")
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+"""Matched whole (fullmatch): `$` would also take a trailing newline."""
+QUEUE_PATTERN = re.compile(r"[A-Za-z0-9._@+-]{1,200}")
 
 
 @dataclass
@@ -39,7 +40,7 @@ class Shard:
 
 def check_run_id(run_id: str) -> str:
     """Run ids become directory names: refuse anything that could leave the work directory."""
-    if not isinstance(run_id, str) or not RUN_ID_PATTERN.match(run_id):
+    if not isinstance(run_id, str) or not RUN_ID_PATTERN.fullmatch(run_id):
         raise MessageError(f"invalid run id {str(run_id)[:80]!r}", "a run id is letters, digits, - and _ (at most 64)")
     return run_id
 
@@ -65,6 +66,6 @@ class TakeShard:
         if set(data) != {"queue"}:
             raise MessageError(f"take-shard message must hold only a queue name, got fields {sorted(data)}")
         queue = data["queue"]
-        if not isinstance(queue, str) or not QUEUE_PATTERN.match(queue):
+        if not isinstance(queue, str) or not QUEUE_PATTERN.fullmatch(queue):
             raise MessageError(f"take-shard message names an invalid queue {str(queue)[:80]!r}")
         return cls(queue)

@@ -104,3 +104,27 @@ def test_run_difference_names_what_would_change_the_results():
     assert base.difference(RunSpec(input="x.jsonl", params=SamplingParams(temperature=0.2))) == "generation parameters"
     assert base.difference(RunSpec(input="x.jsonl", model=ModelSpec(quantize="nf4"), params=base.params)).startswith("quantization")
     assert base.difference(RunSpec(input="y.jsonl", params=base.params)) == "input (x.jsonl then y.jsonl)"
+
+
+def test_the_weights_identity_decides_the_queue():
+    from shardgen.schemas.model import identity_difference
+
+    plain = ModelSpec(model="org/model", quantize="nf4")
+    assert plain.queue == "sg.q.org_model@nf4"  # nothing but the name and the method: the queue it always had
+    variants = [
+        ModelSpec(model="org/model", quantize="nf4", revision="v2"),
+        ModelSpec(model="org/model", quantize="nf4", quantization_config={"bnb_4bit_use_double_quant": True}),
+        ModelSpec(model="org/model", quantize="nf4", quantization_config={"bnb_4bit_compute_dtype": "float16"}),
+        ModelSpec(model="org/model", quantize="nf4", dtype="float16"),
+        ModelSpec(model="org/model", quantize="nf4", engine="hf-generate"),
+    ]
+    queues = {spec.queue for spec in variants}
+    assert len(queues) == len(variants) and plain.queue not in queues
+    assert ModelSpec(model="org/model", quantize="nf4", revision="v2").queue == variants[0].queue
+    assert ModelSpec(model="org/model", quantization_config={"load_in_4bit": True}).queue == plain.queue  # restates nf4
+    long_a, long_b = ModelSpec(model="a" * 10 + "x" * 90), ModelSpec(model="b" * 10 + "x" * 90)
+    assert long_a.queue != long_b.queue  # same last 80 characters, different models
+    assert identity_difference(variants[0].identity, plain.identity) == "revision none, the run wants v2"
+    assert "--model-revision v2" in variants[0].worker_flags()
+    with pytest.raises(InvalidParameter, match="cannot ask for engine"):
+        ModelSpec(engine="auto")

@@ -4,6 +4,7 @@ condition with a deadline, and a shard that must be seen running is held running
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -138,3 +139,32 @@ def test_the_same_completion_sent_twice_to_a_real_redis_is_recorded_once(redis_u
     assert store.complete(claim, "obj", **stats) == "done" and store.complete(claim, "obj", **stats) == "done"
     record = store.record(spec.run_id)
     assert record.state.value == "done" and record.rows_done == 4 and record.generated_tokens == 8
+
+
+def test_a_run_for_another_revision_reaches_only_workers_of_that_revision(tmp_path, redis_url, tiny_model_dir,
+                                                                         start_worker):
+    """A worker loaded at the default revision is live the whole run, and never takes a shard of a run submitted
+    for revision v2; status says no live worker serves it, what the other worker differs in, and what to start."""
+    import pyarrow.parquet as pq
+
+    from shardgen.schemas.results import decode_metadata
+
+    model = str(tiny_model_dir)
+    other = start_worker(model, redis_url)
+    other.wait_ready()
+    run_id = submit(write_jsonl(tmp_path / "q.jsonl", make_rows(16)), tmp_path / "work", redis_url, model,
+                    "--shard-size", "8", "--max-new-tokens", "4", "--model-revision", "v2")
+    status = wait_until(lambda: (s := run_status_now(run_id, redis_url))["other_workers"] and s, timeout=60,
+                        what="the default-revision worker to report")
+    assert status["workers"] == [] and status["shards_queued"] == 2
+    assert status["other_workers"][0]["differs"] == "revision none, the run wants v2"
+    shown = run_cli("status", run_id, "--broker", redis_url).stdout
+    assert "no live worker serves this run" in shown and "--model-revision v2" in shown
+    matching = start_worker(model, redis_url, "--model-revision", "v2")
+    status = wait_for_end(run_id, redis_url, timeout=240)
+    assert status["state"] == "done" and status["rows_done"] == 16
+    metadata = [decode_metadata(pq.read_schema(part).metadata) for part in (tmp_path / "work" / run_id).glob("part-*")]
+    assert {m["worker"].split(":")[1] for m in metadata} == {str(matching.process.pid)}
+    assert all(json.loads(m["model_identity"])["revision"] == "v2" for m in metadata)  # the result can tell
+    assert other.process.poll() is None
+    collect_exactly_once(run_id, redis_url, tmp_path, 16)

@@ -201,3 +201,21 @@ def test_the_alive_file_is_touched_while_the_worker_progresses_and_not_once_it_s
     ctx.health.heartbeat.last_progress -= 1  # no token, no row for longer than stall_s
     watchdog_tick(ctx)
     assert not alive.exists()
+
+
+def test_a_run_for_other_weights_in_this_workers_queue_is_never_served(world, tmp_path):
+    """What a queue name cannot catch (a run recorded by an older shardgen under the same name): the worker
+    compares the run's weights with its own on claim, and generates nothing."""
+    ctx, spec, _ = world
+    ctx.serves = ModelSpec(model=spec.model.model, quantization_config={"bnb_4bit_use_double_quant": True},
+                           quantize="nf4")
+    assert handle_message(message(ctx), ctx) == "retry"
+    record = ctx.store.record(spec.run_id)
+    assert record.retries == 1 and record.worker_faults == 0
+    (shard,) = ctx.store.shards(spec.run_id, [0])
+    assert "holds other weights (quantize nf4, the run wants none; quantization_config" in shard.error
+    assert f"start `shardgen worker --model {spec.model.model}`" in shard.error
+    assert not list((tmp_path / "work" / spec.run_id).glob("attempts/*.parquet"))
+    ctx.serves = spec.model
+    ctx.store.clock.advance(60)
+    assert handle_message(message(ctx), ctx) == "done"  # the same weights: served

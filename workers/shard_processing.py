@@ -8,6 +8,7 @@ caller's decision (the run store's atomic completion in distributed mode).
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import socket
 import time
@@ -107,6 +108,7 @@ def process_shard(
         "model": spec.model.model,
         "model_source": loaded.source,
         "quantize": spec.model.quantize,
+        "model_identity": json.dumps(spec.model.identity, sort_keys=True),
         "params": spec.params.to_json(),
         "generator": getattr(generator, "last_path", None) or generator.name,
         "version": shardgen_version(),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from shardgen.schemas.model import identity_difference
+
 from .store import RunRecord, RunStore, WorkerInfo
 
 
@@ -63,6 +65,14 @@ def run_status(record: RunRecord, now: float, *, queue_depth: dict[str, int] | N
         status["workers"] = [
             {**info.__dict__, "last_heartbeat_s_ago": round(now - info.last_seen, 1)}
             for info in workers if info.queue == record.queue
+        ]
+    if workers is not None:
+        wanted = record.spec.model
+        status["serve_with"] = f"shardgen worker {wanted.worker_flags()}"
+        status["other_workers"] = [
+            {"worker": info.worker, "queue": info.queue,
+             "differs": identity_difference(wanted.identity, info.model) if info.model else "unknown weights"}
+            for info in workers if info.queue != record.queue and (info.model or {}).get("model") == wanted.model
         ]
     if stopped is not None:
         status["stopped_workers"] = [

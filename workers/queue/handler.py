@@ -15,6 +15,7 @@ from typing import Any
 
 from shardgen.schemas.errors import ShardgenError
 from shardgen.schemas.layout import RunLayout
+from shardgen.schemas.model import ModelSpec, identity_difference
 from shardgen.schemas.rows import shard_from_table
 from shardgen.schemas.run import RunSpec
 from shardgen.schemas.runtime import DEFAULT_GRACE_SECONDS
@@ -66,6 +67,8 @@ class WorkerContext:
     metrics: Any = None
     """A WorkerMetrics (queue/metrics.py) or None."""
     metrics_port: int | None = None
+    serves: ModelSpec | None = None
+    """The weights this worker loaded (checked against each claimed run's), or None: not checked."""
     started_at: float = field(default_factory=time.time)
     health: Health = field(default_factory=Health)
     current: Claim | None = None
@@ -85,6 +88,7 @@ class WorkerContext:
             started_at=self.started_at, last_seen=self.store.now(),
             run_id=self.current.run_id if self.current else None,
             shard_index=self.current.shard_index if self.current else None, metrics_port=self.metrics_port,
+            model=self.serves.identity if self.serves is not None else None,
         )
 
 
@@ -152,6 +156,9 @@ def run(claim: Claim, ctx: WorkerContext) -> Attempt:
     stats_before = _engine_stats(ctx)
     try:
         spec, layout = ctx.run(claim.run_id)
+        refusal = other_weights(spec.model, ctx)
+        if refusal is not None:
+            return Attempt(error=refusal)
         location = layout.attempt_part(claim.shard_index, new_attempt_token(claim.attempt))
         shard = shard_from_table(spec, claim.shard_index, read_staged_shard(layout, claim.shard_index))
         result = process_shard(
@@ -168,6 +175,19 @@ def run(claim: Claim, ctx: WorkerContext) -> Attempt:
     stats = _engine_stats(ctx)
     occupancy = stats.since(stats_before).batch_occupancy if stats is not None and stats_before is not None else None
     return Attempt(result=result, occupancy=occupancy)
+
+
+def other_weights(wanted: ModelSpec, ctx: WorkerContext) -> str | None:
+    """Why this worker must not serve a run that wants `wanted`, or None. Queues are named after the whole
+    identity, so this only catches what a queue name cannot (a run recorded by an older shardgen, a digest
+    collision): such a run is never served, and fails with the difference once its retries are spent."""
+    if ctx.serves is None:
+        return None
+    difference = identity_difference(wanted.identity, ctx.serves.identity)
+    if difference is None:
+        return None
+    log.error("refusing shard of a run for other weights: this worker serves %s", difference)
+    return f"worker {ctx.worker_id} holds other weights ({difference}): start `shardgen worker {wanted.worker_flags()}`"
 
 
 def record(claim: Claim, ctx: WorkerContext, attempt: Attempt) -> Outcome:
