@@ -16,7 +16,7 @@ from shardgen.schemas.runtime import DEFAULT_GRACE_SECONDS, DEFAULT_STALL_SECOND
 from shardgen.workers import BROKER_ENV, DEFAULT_BROKER_URL
 
 from . import config as config_mod
-from .command_support import console, one_line_errors, out, print_json, quiet_libraries
+from .command_support import check_output_target, console, one_line_errors, out, print_json, quiet_libraries
 from .score import METRICS as SCORE_METRICS
 
 
@@ -223,9 +223,10 @@ def cli() -> None:
 @storage_option
 @result_options
 @click.option("--show", type=int, default=5, show_default=True, help="Result rows to show in the closing table (0: none).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (never the input).")
 @config_option
 @one_line_errors
-def run(show: int, score: bool, metrics: tuple[str, ...], row_metadata: bool, **kwargs: Any) -> None:
+def run(show: int, score: bool, metrics: tuple[str, ...], row_metadata: bool, overwrite: bool, **kwargs: Any) -> None:
     """Generate for every row of INPUT in this process (no Redis, no workers) and write OUTPUT.
 
     INPUT is a .jsonl/.json/.csv/.parquet file or URL, a save_to_disk directory or a hub dataset name.
@@ -240,6 +241,7 @@ def run(show: int, score: bool, metrics: tuple[str, ...], row_metadata: bool, **
         raise ShardgenError("no output file given", "pass -o results.parquet (or .jsonl)")
     spec = config_mod.build_run_spec(options)
     output = str(options["output"])
+    check_output_target(output, overwrite=overwrite, inputs=(spec.input,))
     summary = run_embedded(
         spec,
         output,
@@ -519,11 +521,12 @@ def _run_status(store: Any, run_id: str) -> dict[str, Any]:
 @click.option("-o", "--output", required=True, help="Merged result, a file or URL; .parquet or .jsonl.")
 @click.option("--work-dir", help="Work directory of the run: read it from WORK_DIR/RUN_ID/ without Redis [default: ask Redis].")
 @click.option("--allow-partial", is_flag=True, help="Write what is there even if rows are missing or failed (exit 0).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (never the run's input).")
 @result_options
 @broker_option
 @storage_option
 @one_line_errors
-def collect(run_id: str, output: str, work_dir: str | None, allow_partial: bool, broker: str | None,
+def collect(run_id: str, output: str, work_dir: str | None, allow_partial: bool, overwrite: bool, broker: str | None,
             storage_options: str | None, score: bool, metrics: tuple[str, ...], row_metadata: bool) -> None:
     """Merge RUN_ID's result shards into one file in input order, checking every row appears once.
 
@@ -552,6 +555,7 @@ def collect(run_id: str, output: str, work_dir: str | None, allow_partial: bool,
         raise RunNotFound(f"no run {run_id} in {work_dir}", "check the run id and --work-dir")
     spec, rows_total, shards_total = found
     layout = RunLayout(work_dir, run_id, spec.shard_size)
+    check_output_target(output, overwrite=overwrite, inputs=(spec.input, layout.run_dir))
     report = collect_run(layout, spec, rows_total, shards_total, output, allow_partial=allow_partial, recorded_results=recorded,
                          score_metrics=metrics if score else None, row_metadata=row_metadata)
     if report.failed_rows:

@@ -82,3 +82,22 @@ def quiet_libraries() -> None:
         transformers.utils.logging.disable_progress_bar()
     except ImportError:
         pass
+
+
+def check_output_target(output: str, *, overwrite: bool, inputs: tuple[str | None, ...] = ()) -> None:
+    """Refuse an output that is one of the command's inputs (whatever --overwrite says), or a file that exists
+    already unless --overwrite. A store that cannot say whether the output exists is left to the write to report."""
+    from shardgen.schemas.errors import StorageError
+    from shardgen.workers.storage import files
+
+    target = files.describe(output)
+    if any(source and files.describe(str(source)) == target for source in inputs):
+        raise InvalidParameter(f"the output {output} is also the input", "write the results to another file")
+    if overwrite:
+        return
+    try:
+        present = files.exists(output)
+    except StorageError:
+        return
+    if present:
+        raise ShardgenError(f"the output {output} exists already", "pass --overwrite to replace it, or choose another name")

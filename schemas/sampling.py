@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -183,6 +184,8 @@ def _check_float(
         object.__setattr__(params, name, value)
     if not isinstance(value, float) or value != value:
         raise InvalidParameter(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise InvalidParameter(f"{name} must be a finite number, got {value!r}")
     if minimum is not None and (value < minimum or (open_low and value == minimum)):
         bound = f"> {minimum:g}" if open_low else f">= {minimum:g}"
         raise InvalidParameter(f"{name} must be {bound}, got {value:g}")

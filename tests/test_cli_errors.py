@@ -77,3 +77,24 @@ def test_every_command_has_complete_help():
     for option in ("--prompt-column", "--messages-column", "--system-prompt", "--keep-columns", "--temperature", "--top-p",
                    "--quantize", "--max-prompt-tokens", "--config", "--seed", "--stop", "--num-return-sequences"):
         assert option in run_help
+
+
+def test_an_existing_output_is_kept_unless_overwrite_and_the_input_never_is(tmp_path, data):
+    kept = tmp_path / "o.jsonl"
+    kept.write_text("earlier results\n")
+    assert_one_clear_line(run_cli("run", str(data), "-o", str(kept)), f"the output {kept} exists already", "--overwrite")
+    before = data.read_bytes()
+    assert_one_clear_line(run_cli("run", str(data), "-o", str(data), "--overwrite"), "is also the input")
+    assert data.read_bytes() == before and kept.read_text() == "earlier results\n"
+    from shardgen.schemas.layout import RunLayout
+    from shardgen.schemas.run import RunSpec
+    from shardgen.workers.storage import write_run_file
+
+    spec = RunSpec(input=str(data), shard_size=4)
+    write_run_file(RunLayout(str(tmp_path / "work"), spec.run_id, 4), spec, 1, 1)
+    collect = ["collect", spec.run_id, "--work-dir", str(tmp_path / "work"), "--allow-partial"]
+    assert_one_clear_line(run_cli(*collect, "-o", str(kept)), "exists already")
+    assert_one_clear_line(run_cli(*collect, "-o", str(data), "--overwrite"), "is also the input")
+    assert data.read_bytes() == before and kept.read_text() == "earlier results\n"
+    replaced = run_cli(*collect, "-o", str(kept), "--overwrite")
+    assert replaced.returncode == 0 and "exists already" not in replaced.stderr

@@ -21,6 +21,9 @@ from shardgen.schemas.shard import TakeShard, check_run_id
         ("n", 0, "n must be >= 1"),
         ("repetition_penalty", 0, "repetition_penalty must be > 0"),
         ("temperature", "hot", "temperature must be a number"),
+        ("temperature", float("inf"), "temperature must be a finite number, got inf"),
+        ("repetition_penalty", float("inf"), "repetition_penalty must be a finite number"),
+        ("length_penalty", float("-inf"), "length_penalty must be a finite number"),
         ("max_new_tokens", 2.5, "max_new_tokens must be an integer"),
         ("seed", -1, "seed must be >= 0"),
         ("early_stopping", "yes", "early_stopping must be true or false"),
@@ -83,7 +86,7 @@ def test_run_spec_round_trip_keeps_seed_and_row_seeds_depend_only_on_row():
 
 
 def test_run_ids_cannot_escape_the_work_directory():
-    for bad in ["../etc", "a/b", "", ".hidden", "x" * 65]:
+    for bad in ["../etc", "a/b", "", ".hidden", "x" * 65, "20260101-abc_1\n"]:  # a trailing newline too
         with pytest.raises(MessageError):
             check_run_id(bad)
     assert check_run_id("20260101-abc_1") == "20260101-abc_1"

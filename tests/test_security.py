@@ -1,6 +1,7 @@
 """Passwords and TLS against a real redis-server; credentials never shown; trust_remote_code off by default."""
 
 import json
+import os
 import subprocess
 
 import pyarrow.parquet as pq
@@ -99,3 +100,16 @@ def test_trust_remote_code_is_off_unless_asked(tiny_model_dir, monkeypatch):
     received.clear()
     load_model(build_model_spec({"model": str(tiny_model_dir), "trust_remote_code": True}), "cpu")
     assert received == [("AutoTokenizer", True), ("AutoModelForCausalLM", True)]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o002, 0o664), (0o022, 0o644), (0o077, 0o600)])
+def test_files_written_through_a_temporary_file_follow_the_umask(tmp_path, umask, mode):
+    """A work directory shared with workers of another user (a group) must be able to read what was written."""
+    from shardgen.workers.storage import files
+
+    previous = os.umask(umask)
+    try:
+        files.write_bytes(str(tmp_path / "part.parquet"), b"x")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "part.parquet").stat().st_mode & 0o777 == mode

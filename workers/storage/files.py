@@ -177,10 +177,25 @@ def open_output(location: str) -> Iterator[IO[bytes]]:
             if remote:
                 fs.put_file(handle.name, path)
             else:
+                os.chmod(handle.name, 0o666 & ~current_umask())  # as open() would have made it, not mkstemp's 0600
                 os.replace(handle.name, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(handle.name)
+
+
+def current_umask() -> int:
+    """The process's umask: from /proc on Linux, where reading it changes nothing; elsewhere set and set back."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_bytes(location: str, data: bytes) -> None:
