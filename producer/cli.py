@@ -91,6 +91,10 @@ generation_options = _options(
     click.option("--num-beams", type=int, help="Beam search width; 1 is off [default: 1]."),
     click.option("--logprobs", type=int, help="Record each generated token's logprob and its K most likely alternatives "
                  "(a `logprobs` column; 0 records only the chosen token's) [default: off]."),
+    click.option("--json-schema", metavar="FILE_OR_JSON", help="Constrain every text to a JSON Schema (a .json file "
+                 "or the schema itself); the output gains a `parsed` column, each text's JSON value."),
+    click.option("--regex", help="Constrain every text to match this regular expression, whole."),
+    click.option("--choice", help="Constrain every text to exactly one of these comma-separated strings."),
     click.option("--length-penalty", type=float, help="Beam search length penalty [default: 1]."),
     click.option("--early-stopping/--no-early-stopping", default=None, help="Beam search early stopping."),
 )

@@ -60,6 +60,8 @@ RESULT_COLUMNS = (
     "generation_time_s",
     "prompt_truncated",
     "error",
+    "logprobs",
+    "parsed",
 )
 
 

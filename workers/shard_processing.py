@@ -117,7 +117,7 @@ def process_shard(
         shard_index=shard.index,
         location=location,
         rows=len(rows),
-        rows_failed=sum(1 for o in done if o.error is not None),
+        rows_failed=sum(1 for o in done if o.row_error is not None),
         prompt_tokens=sum(o.prompt_tokens for o in done),
         generated_tokens=sum(o.generated_tokens for o in done),
         seconds=time.perf_counter() - started,

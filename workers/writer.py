@@ -50,11 +50,24 @@ def result_table(
     columns["generated_tokens"] = pa.array([o.generated_tokens for o in outputs], pa.int32())
     columns["generation_time_s"] = pa.array([o.generation_time_s for o in outputs], pa.float64())
     columns["prompt_truncated"] = pa.array([p is not None and p.truncated_from is not None for p in prompts], pa.bool_())
-    columns["error"] = pa.array([o.error for o in outputs], pa.string())
+    columns["error"] = pa.array([o.row_error for o in outputs], pa.string())
     if spec.params.logprobs is not None:
         columns["logprobs"] = _logprobs_column(outputs, many)
+    if has_parsed_column(spec):
+        columns["parsed"] = _parsed_column(outputs, many)
     table = pa.table(columns)
     return table.replace_schema_metadata({meta_key(k): str(v).encode() for k, v in metadata.items()})
+
+
+def has_parsed_column(spec: RunSpec) -> bool:
+    """Runs under a JSON schema get a `parsed` column: each text's value as JSON text (null when not whole)."""
+    return spec.params.json_schema is not None
+
+
+def _parsed_column(outputs: Sequence[GenerationOutput], many: bool) -> pa.Array:
+    values = [None if o.error is not None else [s.parsed for s in o.samples] if many else o.samples[0].parsed
+              for o in outputs]
+    return pa.array(values, pa.list_(pa.string()) if many else pa.string())
 
 
 def _input_array(values: list[Any], type_: pa.DataType | None) -> pa.Array:
