@@ -72,6 +72,8 @@ input_options = _options(
     click.option("--keep-columns", help="Comma-separated input columns to copy into the output."),
     click.option("--output-column", help="Name of the generated-text column [default: generation]."),
     click.option("--ground-truth-column", help="Column with a reference answer, carried through as `ground_truth`."),
+    click.option("--params-column", help="Column of per-row requests: JSON objects of generation parameters (e.g. "
+                 '{"temperature": 0.7, "json_schema": {...}}) over the run\'s; a row whose fields are invalid fails alone.'),
     click.option("--chat-template/--no-chat-template", default=None, help="Apply the model's chat template [default: on]."),
     click.option("--max-prompt-tokens", type=int, help="Truncate longer prompts from the left (recorded per row)."),
     click.option("--shard-size", type=int, help="Rows per shard [default: 64]."),

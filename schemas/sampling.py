@@ -157,6 +157,17 @@ class SamplingParams:
             kwargs["temperature"] = 1.0
         return cls(**kwargs)
 
+    def override(self, values: Mapping[str, Any], *, source: str = "parameters") -> "SamplingParams":
+        """These parameters with `values` (user-facing names, aliases accepted) over them: a row's own request
+        over the run's defaults. A constraint in `values` replaces this one's rather than combining with it."""
+        if not isinstance(values, Mapping):
+            raise InvalidParameter(f"{source} must be a JSON object of generation parameters, got {type(values).__name__}")
+        base = self.to_dict()
+        if any(ALIASES.get(k, k) in CONSTRAINTS for k in values):
+            for kind in CONSTRAINTS:
+                base.pop(kind)
+        return SamplingParams.from_mapping({**base, **values}, source=source)
+
     def replace(self, **changes: Any) -> "SamplingParams":
         merged = {**self.to_dict(), **{k: v for k, v in changes.items() if v is not None}}
         return SamplingParams.from_mapping(merged)

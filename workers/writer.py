@@ -24,7 +24,7 @@ def result_table(
 ) -> pa.Table:
     """`input_types` (the Arrow types of copied input columns) keeps their type as it was in the input."""
     input_types = input_types or {}
-    many = spec.params.n > 1
+    many = spec.many_samples
     text_type = pa.list_(pa.string()) if many else pa.string()
     generation, finish = [], []
     for output in outputs:
@@ -51,7 +51,7 @@ def result_table(
     columns["generation_time_s"] = pa.array([o.generation_time_s for o in outputs], pa.float64())
     columns["prompt_truncated"] = pa.array([p is not None and p.truncated_from is not None for p in prompts], pa.bool_())
     columns["error"] = pa.array([o.row_error for o in outputs], pa.string())
-    if spec.params.logprobs is not None:
+    if spec.params.logprobs is not None or per_row_requests(spec):
         columns["logprobs"] = _logprobs_column(outputs, many)
     if has_parsed_column(spec):
         columns["parsed"] = _parsed_column(outputs, many)
@@ -61,7 +61,12 @@ def result_table(
 
 def has_parsed_column(spec: RunSpec) -> bool:
     """Runs under a JSON schema get a `parsed` column: each text's value as JSON text (null when not whole)."""
-    return spec.params.json_schema is not None
+    return spec.params.json_schema is not None or per_row_requests(spec)
+
+
+def per_row_requests(spec: RunSpec) -> bool:
+    """Rows may carry their own logprobs and schema: their columns are there for every row (null where unused)."""
+    return spec.columns.params_column is not None
 
 
 def _parsed_column(outputs: Sequence[GenerationOutput], many: bool) -> pa.Array:
