@@ -77,6 +77,9 @@ input_options = _options(
     click.option("--chat-template/--no-chat-template", default=None, help="Apply the model's chat template [default: on]."),
     click.option("--max-prompt-tokens", type=int, help="Truncate longer prompts from the left (recorded per row)."),
     click.option("--shard-size", type=int, help="Rows per shard [default: 64]."),
+    click.option("--input-format", type=click.Choice(["auto", "rows", "openai-batch"]),
+                 help="rows: a dataset of prompts; openai-batch: an OpenAI Batch API input file (custom_id, url, body), "
+                 "one request per line with its own parameters [default: auto: openai-batch for a .jsonl of that shape]."),
 )
 
 generation_options = _options(
@@ -115,6 +118,9 @@ result_options = _options(
                  help="With --score: a metric to compute (repeat for several) [default: all]."),
     click.option("--row-metadata", is_flag=True, help="JSONL only: give each row the Inferencer's `metadata` object "
                  "(model_id, inference_time, token_count, generation_config)."),
+    click.option("--output-format", type=click.Choice(["rows", "openai-batch"]),
+                 help="rows: one result row per input row; openai-batch: the OpenAI Batch API's output file (.jsonl), "
+                 "failed requests also in OUTPUT.errors.jsonl [default: openai-batch when the input was a batch file]."),
 )
 
 
@@ -231,7 +237,8 @@ def cli() -> None:
 @click.option("--show", type=int, default=5, show_default=True, help="Result rows to show in the closing table (0: none).")
 @config_option
 @one_line_errors
-def run(show: int, score: bool, metrics: tuple[str, ...], row_metadata: bool, **kwargs: Any) -> None:
+def run(show: int, score: bool, metrics: tuple[str, ...], row_metadata: bool, output_format: str | None,
+        **kwargs: Any) -> None:
     """Generate for every row of INPUT in this process (no Redis, no workers) and write OUTPUT.
 
     INPUT is a .jsonl/.json/.csv/.parquet file or URL, a save_to_disk directory or a hub dataset name.
@@ -253,10 +260,12 @@ def run(show: int, score: bool, metrics: tuple[str, ...], row_metadata: bool, **
         score_metrics=metrics if score else None,
         row_metadata=row_metadata,
         console=console.get(),
+        openai_batch=None if output_format is None else output_format == "openai-batch",
     )
     from .display import human_bytes, human_duration, key_value_table
 
-    if show > 0:
+    if summary.spec.input_format == "openai-batch" or output_format == "openai-batch":
+        show = 0  # batch output lines are not result rows; the errors file holds what failed
         _show_results(output, spec.columns.output_column, show)
     out.print(
         key_value_table(
@@ -526,7 +535,8 @@ def _run_status(store: Any, run_id: str) -> dict[str, Any]:
 @storage_option
 @one_line_errors
 def collect(run_id: str, output: str, work_dir: str | None, allow_partial: bool, broker: str | None,
-            storage_options: str | None, score: bool, metrics: tuple[str, ...], row_metadata: bool) -> None:
+            storage_options: str | None, score: bool, metrics: tuple[str, ...], row_metadata: bool,
+            output_format: str | None) -> None:
     """Merge RUN_ID's result shards into one file in input order, checking every row appears once.
 
     Missing or failed rows are listed and make the exit code non-zero unless --allow-partial.
@@ -538,11 +548,11 @@ def collect(run_id: str, output: str, work_dir: str | None, allow_partial: bool,
     from shardgen.workers.storage import read_run_file
 
     from .collect import collect as collect_run
-    from .collect import output_format
+    from .collect import output_format as check_output_name
     from .display import rows_table
 
     check_run_id(run_id)
-    output_format(output)
+    check_output_name(output)
     _use_storage_options(storage_options)
     recorded: dict[int, str] = {}
     if work_dir is None:
@@ -555,7 +565,8 @@ def collect(run_id: str, output: str, work_dir: str | None, allow_partial: bool,
     spec, rows_total, shards_total = found
     layout = RunLayout(work_dir, run_id, spec.shard_size)
     report = collect_run(layout, spec, rows_total, shards_total, output, allow_partial=allow_partial, recorded_results=recorded,
-                         score_metrics=metrics if score else None, row_metadata=row_metadata)
+                         score_metrics=metrics if score else None, row_metadata=row_metadata,
+                         openai_batch=None if output_format is None else output_format == "openai-batch")
     if report.failed_rows:
         out.print(rows_table("failed rows", ["row", "id", "error"], [(r["row_index"], r["id"], r["error"]) for r in report.failed_rows[:50]]))
     if report.missing_rows:
@@ -563,6 +574,10 @@ def collect(run_id: str, output: str, work_dir: str | None, allow_partial: bool,
     if report.written:
         console.print(f"wrote {report.rows_written:,} of {rows_total:,} rows to {report.output}")
         _print_score(report.score)
+    if report.written and report.failed_rows_allowed and report.failed_rows:
+        from .openai_batch import errors_location
+
+        console.print(f"{len(report.failed_rows)} request(s) failed: their errors are in {errors_location(output)}")
     if not report.complete and not allow_partial:
         raise IncompleteRun(
             f"run {run_id} is incomplete: {len(report.missing_rows)} row(s) missing, {len(report.failed_rows)} failed",

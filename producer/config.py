@@ -37,10 +37,11 @@ TABLES = ("generation", "sampling", "params", "model", "columns", "run", "worker
 COLUMN_FIELDS = {f.name for f in dataclasses.fields(ColumnMapping)}
 MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelSpec)}
 PARAM_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)} | set(PARAM_ALIASES) | {"do_sample", "use_cache"}
-RUN_FIELDS = {"input", "split", "subset", "revision", "limit", "shard_size", "chat_template", "max_prompt_tokens", "max_retries"}
+RUN_FIELDS = {"input", "split", "subset", "revision", "limit", "shard_size", "chat_template", "max_prompt_tokens", "max_retries",
+              "input_format"}
 RUNTIME_FIELDS = {"device", "engine", "batch_size", "max_memory", "compile", "hf_token", "grace_seconds", "stall_seconds",
                   "work_dir", "broker", "output", "allow_partial", "storage_options", "metrics_port", "metrics_host",
-                  "log_format", "loglevel", "name"}
+                  "log_format", "loglevel", "name", "output_format"}
 MODEL_OPTIONS = (MODEL_FIELDS - {"revision"}) | {"model_revision"}
 """ModelSpec's fields as options; its `revision` is `model_revision` (`revision` names the dataset's)."""
 BNB_SHORTCUTS = {"load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype"}

@@ -70,7 +70,7 @@ RESULT_COLUMNS = (
 )
 
 
-INPUT_FORMATS = ("rows", "openai-batch")
+INPUT_FORMATS = ("auto", "rows", "openai-batch")
 
 
 @dataclass(frozen=True)
@@ -90,8 +90,9 @@ class RunSpec:
     max_prompt_tokens: int | None = None
     max_retries: int = 3
     """Attempts after the first before a shard is marked failed."""
-    input_format: str = "rows"
-    """rows (a dataset of prompts) or openai-batch (an OpenAI Batch API input file, converted to rows on reading)."""
+    input_format: str = "auto"
+    """rows (a dataset of prompts), openai-batch (an OpenAI Batch API input file, converted to rows on reading),
+    or auto: openai-batch for a JSONL file of that shape, else rows (decided when the input is read)."""
     run_id: str = ""
     created_at: float = 0.0
     base_seed: int = 0

@@ -117,7 +117,7 @@ def process_shard(
         "device": loaded.device,
         "worker": worker,
     }
-    write_table(location, result_table(spec, rows, done, prompts, metadata, shard.input_types))
+    write_table(location, result_table(spec, rows, done, prompts, metadata, shard.input_types, loaded.tokenizer))
     return ShardOutcome(
         shard_index=shard.index,
         location=location,
@@ -132,7 +132,8 @@ def process_shard(
 
 def row_params(spec: RunSpec, values: dict) -> tuple[SamplingParams | None, str | None]:
     """A row's own parameters over the run's, or why they cannot be used (that row's error, in one line)."""
-    source = f"params column {spec.columns.params_column!r}" if spec.columns.params_column else "the request"
+    named = spec.columns.params_column and spec.input_format != "openai-batch"
+    source = f"params column {spec.columns.params_column!r}" if named else "the request"
     try:
         params = spec.params.override(values, source=source)
     except InvalidParameter as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
@@ -21,6 +22,7 @@ def result_table(
     prompts: Sequence[PromptTokens | None],
     metadata: dict[str, str],
     input_types: Mapping[str, pa.DataType] | None = None,
+    tokenizer: Any = None,
 ) -> pa.Table:
     """`input_types` (the Arrow types of copied input columns) keeps their type as it was in the input."""
     input_types = input_types or {}
@@ -55,8 +57,39 @@ def result_table(
         columns["logprobs"] = _logprobs_column(outputs, many)
     if has_parsed_column(spec):
         columns["parsed"] = _parsed_column(outputs, many)
+    if spec.input_format == "openai-batch":
+        chat = [r.keep.get("url") != "/v1/completions" for r in rows]
+        columns["openai_logprobs"] = pa.array([openai_logprobs(o, tokenizer, c) for o, c in zip(outputs, chat)], pa.string())
     table = pa.table(columns)
     return table.replace_schema_metadata({meta_key(k): str(v).encode() for k, v in metadata.items()})
+
+
+def openai_logprobs(output: GenerationOutput, tokenizer: Any, chat: bool) -> str | None:
+    """A row's logprobs as the OpenAI API writes them, one object per sample (JSON text; None when not asked):
+    chat completions' {"content": [{token, logprob, bytes, top_logprobs}]}, or completions' {tokens,
+    token_logprobs, top_logprobs, text_offset}. Token texts need the tokenizer, so the worker writes them."""
+    if output.error is not None or not output.samples or output.samples[0].logprobs is None or tokenizer is None:
+        return None
+
+    def text(token_id: int) -> str:
+        return tokenizer.decode([token_id])
+
+    objects = []
+    for sample in output.samples:
+        entries = sample.logprobs or []
+        if chat:
+            objects.append({"content": [{
+                "token": text(e.token_id), "logprob": e.logprob, "bytes": list(text(e.token_id).encode()),
+                "top_logprobs": [{"token": text(t), "logprob": v, "bytes": list(text(t).encode())}
+                                 for t, v in zip(e.top_token_ids, e.top_logprobs)],
+            } for e in entries], "refusal": None})
+        else:
+            tokens = [text(e.token_id) for e in entries]
+            offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+            objects.append({"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+                            "top_logprobs": [{text(t): v for t, v in zip(e.top_token_ids, e.top_logprobs)} for e in entries],
+                            "text_offset": offsets})
+    return json.dumps(objects, ensure_ascii=False)
 
 
 def has_parsed_column(spec: RunSpec) -> bool:
