@@ -72,9 +72,14 @@ input_options = _options(
     click.option("--keep-columns", help="Comma-separated input columns to copy into the output."),
     click.option("--output-column", help="Name of the generated-text column [default: generation]."),
     click.option("--ground-truth-column", help="Column with a reference answer, carried through as `ground_truth`."),
+    click.option("--params-column", help="Column of per-row requests: JSON objects of generation parameters (e.g. "
+                 '{"temperature": 0.7, "json_schema": {...}}) over the run\'s; a row whose fields are invalid fails alone.'),
     click.option("--chat-template/--no-chat-template", default=None, help="Apply the model's chat template [default: on]."),
     click.option("--max-prompt-tokens", type=int, help="Truncate longer prompts from the left (recorded per row)."),
     click.option("--shard-size", type=int, help="Rows per shard [default: 64]."),
+    click.option("--input-format", type=click.Choice(["auto", "rows", "openai-batch"]),
+                 help="rows: a dataset of prompts; openai-batch: an OpenAI Batch API input file (custom_id, url, body), "
+                 "one request per line with its own parameters [default: auto: openai-batch for a .jsonl of that shape]."),
 )
 
 generation_options = _options(
@@ -91,6 +96,10 @@ generation_options = _options(
     click.option("--num-beams", type=int, help="Beam search width; 1 is off [default: 1]."),
     click.option("--logprobs", type=int, help="Record each generated token's logprob and its K most likely alternatives "
                  "(a `logprobs` column; 0 records only the chosen token's) [default: off]."),
+    click.option("--json-schema", metavar="FILE_OR_JSON", help="Constrain every text to a JSON Schema (a .json file "
+                 "or the schema itself); the output gains a `parsed` column, each text's JSON value."),
+    click.option("--regex", help="Constrain every text to match this regular expression, whole."),
+    click.option("--choice", help="Constrain every text to exactly one of these comma-separated strings."),
     click.option("--length-penalty", type=float, help="Beam search length penalty [default: 1]."),
     click.option("--early-stopping/--no-early-stopping", default=None, help="Beam search early stopping."),
 )
@@ -109,6 +118,9 @@ result_options = _options(
                  help="With --score: a metric to compute (repeat for several) [default: all]."),
     click.option("--row-metadata", is_flag=True, help="JSONL only: give each row the Inferencer's `metadata` object "
                  "(model_id, inference_time, token_count, generation_config)."),
+    click.option("--output-format", type=click.Choice(["rows", "openai-batch"]),
+                 help="rows: one result row per input row; openai-batch: the OpenAI Batch API's output file (.jsonl), "
+                 "failed requests also in OUTPUT.errors.jsonl [default: openai-batch when the input was a batch file]."),
 )
 
 
@@ -226,7 +238,8 @@ def cli() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (never the input).")
 @config_option
 @one_line_errors
-def run(show: int, score: bool, metrics: tuple[str, ...], row_metadata: bool, overwrite: bool, **kwargs: Any) -> None:
+def run(show: int, score: bool, metrics: tuple[str, ...], row_metadata: bool, overwrite: bool, output_format: str | None,
+        **kwargs: Any) -> None:
     """Generate for every row of INPUT in this process (no Redis, no workers) and write OUTPUT.
 
     INPUT is a .jsonl/.json/.csv/.parquet file or URL, a save_to_disk directory or a hub dataset name.
@@ -249,10 +262,12 @@ def run(show: int, score: bool, metrics: tuple[str, ...], row_metadata: bool, ov
         score_metrics=metrics if score else None,
         row_metadata=row_metadata,
         console=console.get(),
+        openai_batch=None if output_format is None else output_format == "openai-batch",
     )
     from .display import human_bytes, human_duration, key_value_table
 
-    if show > 0:
+    if summary.spec.input_format == "openai-batch" or output_format == "openai-batch":
+        show = 0  # batch output lines are not result rows; the errors file holds what failed
         _show_results(output, spec.columns.output_column, show)
     out.print(
         key_value_table(
@@ -527,7 +542,8 @@ def _run_status(store: Any, run_id: str) -> dict[str, Any]:
 @storage_option
 @one_line_errors
 def collect(run_id: str, output: str, work_dir: str | None, allow_partial: bool, overwrite: bool, broker: str | None,
-            storage_options: str | None, score: bool, metrics: tuple[str, ...], row_metadata: bool) -> None:
+            storage_options: str | None, score: bool, metrics: tuple[str, ...], row_metadata: bool,
+            output_format: str | None) -> None:
     """Merge RUN_ID's result shards into one file in input order, checking every row appears once.
 
     Missing or failed rows are listed and make the exit code non-zero unless --allow-partial.
@@ -539,11 +555,11 @@ def collect(run_id: str, output: str, work_dir: str | None, allow_partial: bool,
     from shardgen.workers.storage import read_run_file
 
     from .collect import collect as collect_run
-    from .collect import output_format
+    from .collect import output_format as check_output_name
     from .display import rows_table
 
     check_run_id(run_id)
-    output_format(output)
+    check_output_name(output)
     _use_storage_options(storage_options)
     recorded: dict[int, str] = {}
     if work_dir is None:
@@ -557,7 +573,8 @@ def collect(run_id: str, output: str, work_dir: str | None, allow_partial: bool,
     layout = RunLayout(work_dir, run_id, spec.shard_size)
     check_output_target(output, overwrite=overwrite, inputs=(spec.input, layout.run_dir))
     report = collect_run(layout, spec, rows_total, shards_total, output, allow_partial=allow_partial, recorded_results=recorded,
-                         score_metrics=metrics if score else None, row_metadata=row_metadata)
+                         score_metrics=metrics if score else None, row_metadata=row_metadata,
+                         openai_batch=None if output_format is None else output_format == "openai-batch")
     if report.failed_rows:
         out.print(rows_table("failed rows", ["row", "id", "error"], [(r["row_index"], r["id"], r["error"]) for r in report.failed_rows[:50]]))
     if report.missing_rows:
@@ -565,6 +582,10 @@ def collect(run_id: str, output: str, work_dir: str | None, allow_partial: bool,
     if report.written:
         console.print(f"wrote {report.rows_written:,} of {rows_total:,} rows to {report.output}")
         _print_score(report.score)
+    if report.written and report.failed_rows_allowed and report.failed_rows:
+        from .openai_batch import errors_location
+
+        console.print(f"{len(report.failed_rows)} request(s) failed: their errors are in {errors_location(output)}")
     if not report.complete and not allow_partial:
         raise IncompleteRun(
             f"run {run_id} is incomplete: {len(report.missing_rows)} row(s) missing, {len(report.failed_rows)} failed",

@@ -7,9 +7,10 @@ rows that failed, are reported, and nothing is written unless every row is there
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
-from typing import IO, Any, Mapping, Sequence
+from typing import IO, Any, Iterator, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,9 +37,13 @@ class CollectReport:
     score: Any = None
     """The ScoreSummary of the rows, when collect scored them."""
 
+    failed_rows_allowed: bool = False
+    """OpenAI batch output: failed requests are answered in the output and errors files, not a reason to stop."""
+    errors_output: str | None = None
+
     @property
     def complete(self) -> bool:
-        return not self.missing_rows and not self.failed_rows
+        return not self.missing_rows and (self.failed_rows_allowed or not self.failed_rows)
 
 
 class _Incomplete(Exception):
@@ -64,14 +69,20 @@ def collect(
     recorded_results: Mapping[int, str] | None = None,
     score_metrics: Sequence[str] | None = None,
     row_metadata: bool = False,
+    openai_batch: bool | None = None,
 ) -> CollectReport:
     """Check and merge every shard; `recorded_results` (shard -> object the run store recorded as its result)
     finds results not yet published under their part name. With `score_metrics`, each row gets a `score`
-    (producer/score.py); with `row_metadata`, each JSONL row a `metadata` object as the Inferencer wrote it."""
+    (producer/score.py); with `row_metadata`, each JSONL row a `metadata` object as the Inferencer wrote it.
+    `openai_batch` writes the OpenAI Batch API's output format and its errors file (default: when the run's
+    input was a batch file); failed requests are then answered in those files and do not stop the writing."""
     fmt = output_format(output)
+    openai_batch = spec.input_format == "openai-batch" if openai_batch is None else openai_batch
+    if openai_batch:
+        check_batch_output(spec, output, fmt)
     if row_metadata and fmt != ".jsonl":
         raise InputError("--row-metadata adds a metadata object to each JSONL row", "write the output to a .jsonl file")
-    report = CollectReport(output, rows_total)
+    report = CollectReport(output, rows_total, failed_rows_allowed=bool(openai_batch))
     locations = _result_locations(layout, shards_total, recorded_results or {})
     report.missing_shards = [index for index, location in enumerate(locations) if location is None]
     for index in report.missing_shards:
@@ -79,9 +90,13 @@ def collect(
     if len(report.missing_shards) == shards_total:
         return report
     try:
-        with open_output(output) as handle:
-            if fmt == ".parquet":
-                sink: _ParquetSink | _JsonlSink = _ParquetSink(handle, _provenance(spec, [loc for loc in locations if loc]))
+        with open_output(output) as handle, _errors_output(output if openai_batch else None) as errors:
+            if openai_batch:
+                from .openai_batch import BatchOutputSink
+
+                sink: Any = BatchOutputSink(handle, errors, spec.run_id)
+            elif fmt == ".parquet":
+                sink = _ParquetSink(handle, _provenance(spec, [loc for loc in locations if loc]))
             else:
                 sink = _JsonlSink(handle, spec if row_metadata else None)
             for index, location in enumerate(locations):
@@ -104,6 +119,26 @@ def collect(
         return report
     report.written = True
     return report
+
+
+def check_batch_output(spec: RunSpec, output: str, fmt: str) -> None:
+    if fmt != ".jsonl":
+        raise InputError("the OpenAI batch output format is JSONL", "write the output to a .jsonl file")
+    if spec.input_format != "openai-batch":
+        raise InputError(f"run {spec.run_id} was not made from an OpenAI batch file (its input format is "
+                         f"{spec.input_format})", "collect it as .parquet or .jsonl rows, without --output-format")
+
+
+@contextlib.contextmanager
+def _errors_output(output: str | None) -> Iterator[IO[bytes] | None]:
+    """The errors file beside a batch output (written whole, even empty, as the output is); None otherwise."""
+    if output is None:
+        yield None
+        return
+    from .openai_batch import errors_location
+
+    with open_output(errors_location(output)) as handle:
+        yield handle
 
 
 def _result_locations(layout: RunLayout, shards_total: int, recorded: Mapping[int, str]) -> list[str | None]:

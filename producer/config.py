@@ -37,10 +37,11 @@ TABLES = ("generation", "sampling", "params", "model", "columns", "run", "worker
 COLUMN_FIELDS = {f.name for f in dataclasses.fields(ColumnMapping)}
 MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelSpec)}
 PARAM_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)} | set(PARAM_ALIASES) | {"do_sample", "use_cache"}
-RUN_FIELDS = {"input", "split", "subset", "revision", "limit", "shard_size", "chat_template", "max_prompt_tokens", "max_retries"}
+RUN_FIELDS = {"input", "split", "subset", "revision", "limit", "shard_size", "chat_template", "max_prompt_tokens", "max_retries",
+              "input_format"}
 RUNTIME_FIELDS = {"device", "engine", "batch_size", "max_memory", "compile", "hf_token", "grace_seconds", "stall_seconds",
                   "work_dir", "broker", "output", "allow_partial", "storage_options", "metrics_port", "metrics_host",
-                  "log_format", "loglevel", "name"}
+                  "log_format", "loglevel", "name", "output_format"}
 MODEL_OPTIONS = (MODEL_FIELDS - {"revision", "engine"}) | {"model_revision"}
 """ModelSpec's fields as options; its `revision` is `model_revision` (`revision` names the dataset's)."""
 BNB_SHORTCUTS = {"load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype"}
@@ -127,6 +128,30 @@ def _given(options: Mapping[str, Any], names: set[str]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k in names and v is not None}
 
 
+def load_json_schema(value: Any) -> Any:
+    """--json-schema / json_schema: a schema object, its JSON text, or the path of a file holding it."""
+    if not isinstance(value, str) or value.lstrip().startswith("{"):
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise InvalidParameter(f"--json-schema {value!r} is neither a JSON object nor a file",
+                               "pass a .json file holding the schema, or the schema itself as '{...}'")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidParameter(f"--json-schema file {path} is not valid JSON ({exc})", "fix the file") from None
+
+
+def sampling_fields(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The generation parameters among merged options: a schema file read, a comma-separated choice split."""
+    fields = _given(options, PARAM_FIELDS)
+    if "json_schema" in fields:
+        fields["json_schema"] = load_json_schema(fields["json_schema"])
+    if isinstance(fields.get("choice"), str):
+        fields["choice"] = [c.strip() for c in fields["choice"].split(",") if c.strip()]
+    return fields
+
+
 def build_model_spec(options: Mapping[str, Any], *, engine: str | None = None) -> ModelSpec:
     """The validated ModelSpec for merged options (run, submit and worker share it); `engine` is the one a run
     pins, or the one a worker serves (schemas/model.py pinned_engine)."""
@@ -147,10 +172,15 @@ def build_run_spec(options: Mapping[str, Any], **fixed: Any) -> RunSpec:
         raise InvalidParameter("no input given", "pass a dataset file, directory or hub name as INPUT")
     run_fields = _given(options, RUN_FIELDS)
     run_fields["input"] = str(run_fields["input"])
+    params = SamplingParams.from_mapping(sampling_fields(options))
+    if params.constraint is not None:
+        from shardgen.workers.engine.constraints import check_constraint
+
+        check_constraint(params)
     return RunSpec(
         columns=ColumnMapping(**_given(options, COLUMN_FIELDS)),
         model=build_model_spec(options, engine=pinned_engine(options.get("engine"))),
-        params=SamplingParams.from_mapping(_given(options, PARAM_FIELDS)),
+        params=params,
         **run_fields,
         **fixed,
     )

@@ -6,11 +6,50 @@ from typing import Iterator
 
 import pyarrow as pa
 
+from shardgen.schemas.errors import InputError
 from shardgen.schemas.layout import shard_count
 from shardgen.schemas.rows import resolve_columns, shard_from_table, used_columns
 from shardgen.schemas.run import RunSpec
 from shardgen.schemas.shard import Shard
 from shardgen.workers.storage import load_dataset_table
+
+
+def prepare_input(spec: RunSpec) -> tuple[RunSpec, pa.Table]:
+    """The run's spec with its input format decided, and its input table: an OpenAI batch file (named so, or of
+    that shape) becomes one row per request with its own parameters (producer/openai_batch.py)."""
+    from dataclasses import replace
+
+    from . import openai_batch
+
+    if spec.input_format in ("auto", openai_batch.FORMAT):
+        first = _first_jsonl_line(spec.input)
+        if spec.input_format == openai_batch.FORMAT or (first is not None and openai_batch.looks_like_batch_file(first)):
+            if first is None:
+                raise InputError(f"{spec.input} is not a JSONL file", "an OpenAI batch input file is .jsonl")
+            from shardgen.workers.storage import open_input
+
+            with open_input(spec.input) as handle:
+                lines = [line.decode("utf-8", "replace") for line in handle]
+            spec, table = openai_batch.read_batch_file(lines[: spec.limit] if spec.limit else lines, spec)
+            return spec, table
+    spec = replace(spec, input_format="rows")
+    return spec, read_input(spec)
+
+
+def _first_jsonl_line(location: str) -> str | None:
+    """The first non-empty line of a .jsonl file (local or URL), or None for anything else."""
+    if not location.lower().endswith(".jsonl"):
+        return None
+    from shardgen.workers.storage import open_input
+
+    try:
+        with open_input(location) as handle:
+            for line in handle:
+                if line.strip():
+                    return line.decode("utf-8", "replace")
+    except Exception:  # read_input says what is wrong with the location
+        return None
+    return None
 
 
 def read_input(spec: RunSpec) -> pa.Table:

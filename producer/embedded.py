@@ -28,7 +28,7 @@ from shardgen.workers.storage import (
 )
 
 from .collect import CollectReport, collect, output_format
-from .dataset import read_input
+from .dataset import prepare_input
 from .display import RowProgress
 
 
@@ -62,6 +62,7 @@ def run_embedded(
     score_metrics: Sequence[str] | None = None,
     row_metadata: bool = False,
     console: Console | None = None,
+    openai_batch: bool | None = None,
 ) -> RunSummary:
     console = console or Console(stderr=True)
     runtime = runtime or RuntimeOptions.from_options({})
@@ -69,7 +70,11 @@ def run_embedded(
     suffix = output_format(output)  # an output name of unknown format is refused here, before any work
     if row_metadata and suffix != ".jsonl":
         raise InputError("--row-metadata adds a metadata object to each JSONL row", "write the output to a .jsonl file")
-    table = read_input(spec)
+    spec, table = prepare_input(spec)
+    if openai_batch or (openai_batch is None and spec.input_format == "openai-batch"):
+        from .collect import check_batch_output
+
+        check_batch_output(spec, output, suffix)
     parts = parts_dir_for(output)
     check_writable(parent_of(output), "output directory")
     rows_total = table.num_rows
@@ -104,7 +109,7 @@ def run_embedded(
             totals["generated_tokens"] += outcome.generated_tokens
     seconds = time.perf_counter() - started
     report = collect(layout, spec, rows_total, shards_total, output, allow_partial=True, score_metrics=score_metrics,
-                     row_metadata=row_metadata)
+                     row_metadata=row_metadata, openai_batch=openai_batch)
     if report.complete or not report.missing_rows:
         remove_tree(parts)
     return RunSummary(

@@ -206,13 +206,39 @@ def prediction_column_of(columns: Sequence[str], wanted: str | None = None) -> s
     )
 
 
+def parsed_field(parsed: Any, path: str) -> str | list[str] | None:
+    """The value at a dotted `path` (e.g. `details.topic`) of a `parsed` cell (JSON text, or a list of them when
+    n > 1), as text to score; None where the value is missing."""
+    if isinstance(parsed, list):
+        return [_field_text(p, path) for p in parsed]  # type: ignore[misc]
+    return _field_text(parsed, path)
+
+
+def _field_text(parsed: Any, path: str) -> Any:
+    if parsed is None:
+        return None
+    value = json.loads(parsed) if isinstance(parsed, str) else parsed
+    for key in path.split("."):
+        if isinstance(value, dict) and key in value:
+            value = value[key]
+        elif isinstance(value, list) and key.isdigit() and int(key) < len(value):
+            value = value[int(key)]
+        else:
+            return None
+    if value is None:
+        return None
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
 def score_rows(
     rows: Sequence[Mapping[str, Any]],
     metrics: Sequence[str] | None = None,
     prediction_column: str | None = None,
     ground_truth_column: str = "ground_truth",
+    field: str | None = None,
 ) -> tuple[list[dict[str, float | None] | None], ScoreSummary]:
-    """Per-row scores (None where a row has no ground truth) and their summary."""
+    """Per-row scores (None where a row has no ground truth) and their summary. With `field`, the prediction is
+    that field of the row's `parsed` value (a run under --json-schema), not its text."""
     metrics = check_metrics(metrics)
     columns = list(rows[0]) if rows else []
     if rows and ground_truth_column not in columns:
@@ -220,13 +246,17 @@ def score_rows(
             f"the results have no {ground_truth_column!r} column to score against",
             "run with --ground-truth-column so the answers are carried through, or pass --ground-truth-column here",
         )
+    if field is not None and rows and "parsed" not in columns:
+        raise InputError("the results have no `parsed` column to take --field from",
+                         "score a run made with --json-schema, or drop --field")
     predictions = prediction_column_of(columns, prediction_column) if rows else prediction_column or "generation"
     scores: list[dict[str, float | None] | None] = []
     totals = dict.fromkeys(metrics, 0.0)
     summary = ScoreSummary(rows=len(rows), counts=dict.fromkeys(metrics, 0))
     for row in rows:
         failed = bool(row.get("error"))
-        score = score_answer(None if failed else row.get(predictions), row.get(ground_truth_column), metrics)
+        prediction = parsed_field(row.get("parsed"), field) if field is not None else row.get(predictions)
+        score = score_answer(None if failed else prediction, row.get(ground_truth_column), metrics)
         scores.append(score)
         if score is not None:
             summary.scored += 1
@@ -335,16 +365,18 @@ def write_scored(path: str, rows: list[dict[str, Any]], scores: list[dict[str, f
               help="A metric to compute (repeat for several) [default: all].")
 @click.option("--prediction-column", help="Column of answers [default: generation, or predicted_answer].")
 @click.option("--ground-truth-column", default="ground_truth", show_default=True, help="Column of reference answers.")
+@click.option("--field", metavar="NAME", help="Score this field of the `parsed` column (a --json-schema run; dotted "
+              "for nested fields, e.g. details.topic) instead of the text.")
 @click.option("--json", "as_json", is_flag=True, help="Print {metric: mean} as JSON instead of a table.")
 @one_line_errors
 def score(results: str, output: str | None, metrics: tuple[str, ...], prediction_column: str | None,
-          ground_truth_column: str, as_json: bool) -> None:
+          ground_truth_column: str, field: str | None, as_json: bool) -> None:
     """Score RESULTS (a .parquet or .jsonl file written by run, collect or the Inferencer) against its ground truth."""
     from .command_support import console
 
     chosen = check_metrics(metrics)
     rows, table = read_results(results)
-    scores, summary = score_rows(rows, chosen, prediction_column, ground_truth_column)
+    scores, summary = score_rows(rows, chosen, prediction_column, ground_truth_column, field)
     if output:
         write_scored(output, rows, scores, table, chosen)
     if as_json:

@@ -18,7 +18,7 @@ from shardgen.workers.lifecycle import RunStore, check_resumable, redo_run
 from shardgen.workers.queue.doorbell import Doorbell
 from shardgen.workers.storage import check_writable, stage_input, write_run_file
 
-from .dataset import read_input
+from .dataset import prepare_input
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Submitted:
 
 def submit_run(spec: RunSpec, work_dir: str, store: RunStore, console: Console | None = None) -> Submitted:
     console = console or Console(stderr=True)
-    table = read_input(spec)
+    spec, table = prepare_input(spec)
     check_writable(work_dir, "work directory")
     rows_total, shards_total = table.num_rows, shard_count(table.num_rows, spec.shard_size)
     layout = RunLayout(work_dir, spec.run_id, spec.shard_size)

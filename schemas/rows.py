@@ -33,6 +33,8 @@ def resolve_columns(columns: ColumnMapping, available: list[str]) -> ResolvedCol
         "--system-column": columns.system_column,
         "--id-column": columns.id_column,
         "--ground-truth-column": columns.ground_truth_column,
+        "--params-column": columns.params_column,
+        "error column": columns.error_column,
     }
     checks = list(named.items()) + [("--keep-columns", c) for c in columns.keep_columns]
     for flag, name in checks:
@@ -64,7 +66,39 @@ def to_input_row(index: int, record: dict[str, Any], columns: ColumnMapping, res
         row.messages, row.error = _messages(record.get(resolved.messages), resolved.messages)
     else:
         row.prompt, row.error = _prompt(record.get(resolved.prompt), resolved.prompt)
+    if columns.params_column:
+        row.params, params_error = _params(record.get(columns.params_column), columns.params_column)
+        row.error = row.error or params_error
+    if columns.error_column and record.get(columns.error_column):
+        row.error = str(record[columns.error_column])
     return row
+
+
+def _params(value: Any, column: str) -> tuple[dict[str, Any] | None, str | None]:
+    """A row's own parameters: a JSON object (or its text); null or empty means the run's."""
+    if value is None or value == "":
+        return None, None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None, f"params column {column!r} holds text that is not a JSON object in this row"
+        if not isinstance(value, dict):
+            return None, f"params column {column!r} is not a JSON object of generation parameters in this row"
+        return value, None
+    if not isinstance(value, dict):
+        return None, f"params column {column!r} is not a JSON object of generation parameters in this row"
+    return _without_nulls(value), None
+
+
+def _without_nulls(value: Any) -> Any:
+    """An object read as an Arrow struct has every key any row has, null where this row has none: drop them.
+    (A params column of JSON text keeps nulls that mean something, e.g. in a schema.)"""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def _prompt(value: Any, column: str | None) -> tuple[str | None, str | None]:
@@ -98,7 +132,8 @@ def _messages(value: Any, column: str) -> tuple[list[dict[str, Any]] | None, str
 
 def used_columns(columns: ColumnMapping, resolved: ResolvedColumns) -> list[str]:
     """The input columns a run reads: the prompt (or messages), system, id, ground truth and kept columns."""
-    named = [resolved.prompt, resolved.messages, columns.system_column, columns.id_column, columns.ground_truth_column]
+    named = [resolved.prompt, resolved.messages, columns.system_column, columns.id_column, columns.ground_truth_column,
+             columns.params_column, columns.error_column]
     return list(dict.fromkeys(c for c in [*named, *columns.keep_columns] if c))
 
 

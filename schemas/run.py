@@ -33,6 +33,11 @@ class ColumnMapping:
     """Name of the generated-text column."""
     ground_truth_column: str | None = None
     """Column with a reference answer, carried through as `ground_truth`."""
+    params_column: str | None = None
+    """Column of per-row requests: JSON objects of generation parameters over the run's (a row's own schema too)."""
+    error_column: str | None = None
+    """Column of per-row errors found while reading the input (an OpenAI batch request shardgen cannot honour):
+    a row with one is recorded as failed, not generated."""
 
     def __post_init__(self) -> None:
         if self.prompt_column and self.messages_column:
@@ -60,7 +65,12 @@ RESULT_COLUMNS = (
     "generation_time_s",
     "prompt_truncated",
     "error",
+    "logprobs",
+    "parsed",
 )
+
+
+INPUT_FORMATS = ("auto", "rows", "openai-batch")
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,9 @@ class RunSpec:
     max_prompt_tokens: int | None = None
     max_retries: int = 3
     """Attempts after the first before a shard is marked failed."""
+    input_format: str = "auto"
+    """rows (a dataset of prompts), openai-batch (an OpenAI Batch API input file, converted to rows on reading),
+    or auto: openai-batch for a JSONL file of that shape, else rows (decided when the input is read)."""
     run_id: str = ""
     created_at: float = 0.0
     base_seed: int = 0
@@ -94,6 +107,8 @@ class RunSpec:
             raise InvalidParameter(f"max_prompt_tokens must be a positive integer, got {self.max_prompt_tokens!r}")
         if not isinstance(self.max_retries, int) or isinstance(self.max_retries, bool) or self.max_retries < 0:
             raise InvalidParameter(f"max_retries must be a non-negative integer, got {self.max_retries!r}")
+        if self.input_format not in INPUT_FORMATS:
+            raise InvalidParameter(f"unknown input format {self.input_format!r}", f"use one of {', '.join(INPUT_FORMATS)}")
         if not isinstance(self.chat_template, bool):
             raise InvalidParameter(f"chat_template must be true or false, got {self.chat_template!r}")
         if not self.run_id:
@@ -108,6 +123,11 @@ class RunSpec:
     def row_seed(self, row_index: int) -> int:
         return row_seed(self.base_seed, row_index)
 
+    @property
+    def many_samples(self) -> bool:
+        """Whether the output holds a list of samples per row (n > 1, or per-request n as in OpenAI batch files)."""
+        return self.params.n > 1 or self.input_format == "openai-batch"
+
     def difference(self, other: "RunSpec") -> str | None:
         """The first setting that would make `other` produce different results than this run, or None."""
         checks = {
@@ -120,6 +140,7 @@ class RunSpec:
             "shard size": (self.shard_size, other.shard_size),
             "dataset selection": ((self.subset, self.split, self.revision, self.limit), (other.subset, other.split, other.revision, other.limit)),
             "prompt settings": ((self.chat_template, self.max_prompt_tokens), (other.chat_template, other.max_prompt_tokens)),
+            "input format": (self.input_format, other.input_format),
         }
         for name, (mine, theirs) in checks.items():
             if mine != theirs:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -20,7 +21,13 @@ ALIASES = {
     "max_tokens": "max_new_tokens",
     "stop_sequences": "stop",
     "random_seed": "seed",
+    "guided_json": "json_schema",  # vLLM's names for structured output
+    "guided_regex": "regex",
+    "guided_choice": "choice",
 }
+
+CONSTRAINTS = ("json_schema", "regex", "choice")
+"""The fields that constrain a sample's text to a structure; at most one is set."""
 
 MAX_LOGPROBS = 20
 """Most alternatives per token `logprobs` may ask for."""
@@ -61,6 +68,14 @@ class SamplingParams:
     logprobs: int | None = None
     """Per generated token, its log-probability and the K most likely alternatives (0..20; None = off), from the
     model's raw logits before penalty, temperature and filters."""
+    json_schema: str | None = None
+    """A JSON Schema the text must be an instance of (given as an object or its JSON text; kept as JSON text,
+    properties in the order given: the text writes them in that order). `{"type": "object"}` asks for any JSON
+    object."""
+    regex: str | None = None
+    """A regular expression the whole text must match."""
+    choice: tuple[str, ...] = ()
+    """Strings the text must be exactly one of."""
 
     def __post_init__(self) -> None:
         _check_int(self, "max_new_tokens", minimum=1)
@@ -99,10 +114,21 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(ids))
         if self.num_beams > 1 and self.n > self.num_beams:
             raise InvalidParameter(f"n ({self.n}) cannot exceed num_beams ({self.num_beams}) with beam search")
+        _normalize_constraint(self)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def constraint(self) -> tuple[str, str | tuple[str, ...]] | None:
+        """(kind, value) of the structure the text must follow, e.g. ("json_schema", '{"type": "object"}'), or None.
+        Generators map it to their own library (shardgen's engine and hf-generate: xgrammar)."""
+        for kind in CONSTRAINTS:
+            value = getattr(self, kind)
+            if value:
+                return kind, value
+        return None
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], *, source: str = "parameters") -> "SamplingParams":
@@ -132,6 +158,17 @@ class SamplingParams:
             kwargs["temperature"] = 1.0
         return cls(**kwargs)
 
+    def override(self, values: Mapping[str, Any], *, source: str = "parameters") -> "SamplingParams":
+        """These parameters with `values` (user-facing names, aliases accepted) over them: a row's own request
+        over the run's defaults. A constraint in `values` replaces this one's rather than combining with it."""
+        if not isinstance(values, Mapping):
+            raise InvalidParameter(f"{source} must be a JSON object of generation parameters, got {type(values).__name__}")
+        base = self.to_dict()
+        if any(ALIASES.get(k, k) in CONSTRAINTS for k in values):
+            for kind in CONSTRAINTS:
+                base.pop(kind)
+        return SamplingParams.from_mapping({**base, **values}, source=source)
+
     def replace(self, **changes: Any) -> "SamplingParams":
         merged = {**self.to_dict(), **{k: v for k, v in changes.items() if v is not None}}
         return SamplingParams.from_mapping(merged)
@@ -140,7 +177,8 @@ class SamplingParams:
         out = dataclasses.asdict(self)
         out["stop"] = list(self.stop)
         out["stop_token_ids"] = list(self.stop_token_ids)
-        return out
+        out["choice"] = list(self.choice)
+        return out  # json_schema stays JSON text: to_json sorts keys, and a schema's property order matters
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -154,6 +192,40 @@ class SamplingParams:
         if self.max_length is None:
             return self.max_new_tokens
         return max(0, min(self.max_new_tokens, self.max_length - prompt_tokens))
+
+
+def _normalize_constraint(params: SamplingParams) -> None:
+    """JSON schema to canonical JSON text, choice to a tuple; a regex must compile; at most one constraint."""
+    schema = params.json_schema
+    if schema is not None:
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as exc:
+                raise InvalidParameter(f"json_schema is not valid JSON ({exc})", "give a JSON Schema object") from None
+        if not isinstance(schema, dict):
+            raise InvalidParameter(f"json_schema must be a JSON object, got {type(schema).__name__}",
+                                   'give a JSON Schema object such as {"type": "object"}')
+        # Not sorted: a schema's property order is the order the text writes them in.
+        object.__setattr__(params, "json_schema", json.dumps(schema, ensure_ascii=False))
+    if params.regex is not None:
+        if not isinstance(params.regex, str) or not params.regex:
+            raise InvalidParameter(f"regex must be a non-empty string, got {params.regex!r}")
+        try:
+            re.compile(params.regex)
+        except re.error as exc:
+            raise InvalidParameter(f"regex {params.regex!r} does not compile ({exc})", "fix the regular expression") from None
+    choice = params.choice
+    if isinstance(choice, str):
+        choice = (choice,)
+    if not isinstance(choice, (list, tuple)) or not all(isinstance(c, str) and c for c in choice):
+        raise InvalidParameter(f"choice must be a list of non-empty strings, got {params.choice!r}")
+    object.__setattr__(params, "choice", tuple(dict.fromkeys(choice)))
+    given = [kind for kind in CONSTRAINTS if getattr(params, kind)]
+    if len(given) > 1:
+        raise InvalidParameter(f"{' and '.join(given)} cannot be combined", "constrain the text with one of them")
+    if given and params.num_beams > 1:
+        raise InvalidParameter(f"{given[0]} cannot be combined with beam search", "leave num_beams at 1")
 
 
 def _is_int(value: Any) -> bool:

@@ -25,6 +25,8 @@ class InputRow:
     system: str | None = None
     ground_truth: Any = None
     keep: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] | None = None
+    """The row's own generation parameters (its params column), over the run's; None for the run's."""
     error: str | None = None
     """Set when the row cannot become a prompt (null or empty text, bad messages); it is recorded, not generated."""
 

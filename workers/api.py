@@ -36,7 +36,8 @@ class Completion:
     samples: list[Sample]
     prompt_tokens: int
     error: str | None = None
-    """Why the prompt could not be generated (e.g. longer than the model's context); texts are then empty."""
+    """Why the prompt could not be generated (e.g. longer than the model's context; texts are then empty), or
+    why a constrained text is not a whole instance of its structure (cut by max_new_tokens; the text is kept)."""
     prompt_ids: list[int] = field(default_factory=list)
     """The prompt's token ids, as the model saw them (chat template and special tokens included)."""
 
@@ -56,9 +57,17 @@ class Completion:
     def generated_tokens(self) -> int:
         return sum(len(s.token_ids) for s in self.samples)
 
+    @property
+    def parsed(self) -> Any:
+        """Under a JSON schema, the first sample's value (None when its text is not whole)."""
+        import json
+
+        first = self.samples[0].parsed if self.samples else None
+        return json.loads(first) if first is not None else None
+
     @classmethod
     def from_output(cls, output: GenerationOutput, prompt_ids: list[int]) -> "Completion":
-        return cls(output.samples, output.prompt_tokens, output.error, list(prompt_ids))
+        return cls(output.samples, output.prompt_tokens, output.row_error, list(prompt_ids))
 
 
 class LLM:

@@ -21,6 +21,11 @@ class GenerationRequest:
     prompt_ids: list[int]
     seed: int = 0
     """Per-row seed: the same seed gives the same text whatever else shares the batch."""
+    params: SamplingParams | None = None
+    """This request's own parameters (a row's per-row request), or None for the call's."""
+
+    def params_or(self, default: SamplingParams) -> SamplingParams:
+        return self.params if self.params is not None else default
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,11 @@ class Sample:
     finish_reason: str
     logprobs: list[TokenLogprobs] | None = None
     """One entry per token of token_ids when SamplingParams.logprobs is set, else None."""
+    error: str | None = None
+    """Set when the sample broke its constraint's structure (cut before it was complete): the text is kept, but
+    it is not a valid instance."""
+    parsed: str | None = None
+    """Under a JSON schema, the text's value as JSON text (None when the text is not whole)."""
 
 
 @dataclass
@@ -56,6 +66,18 @@ class GenerationOutput:
     @property
     def generated_tokens(self) -> int:
         return sum(len(s.token_ids) for s in self.samples)
+
+    @property
+    def row_error(self) -> str | None:
+        """The row's error: its own, or what went wrong with its samples' structure (naming the sample when n > 1)."""
+        if self.error is not None:
+            return self.error
+        broken = [(i, s.error) for i, s in enumerate(self.samples) if s.error is not None]
+        if not broken:
+            return None
+        if len(self.samples) == 1:
+            return broken[0][1]
+        return "; ".join(f"sample {i}: {error}" for i, error in broken)
 
     @classmethod
     def failed(cls, message: str, prompt_tokens: int = 0) -> "GenerationOutput":

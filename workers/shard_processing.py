@@ -15,7 +15,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from shardgen.schemas.run import RunSpec
+from shardgen.schemas.errors import InvalidParameter
+from shardgen.schemas.run import RunSpec, row_seed
+from shardgen.schemas.sampling import SamplingParams
 from shardgen.schemas.shard import Shard
 
 from .faults import ROW_RAISED, WorkerFault, describe, is_device_error
@@ -71,7 +73,10 @@ def process_shard(
     outputs: list[GenerationOutput | None] = [None] * len(rows)
     prompts: list[PromptTokens | None] = [None] * len(rows)
     pending: list[int] = []
+    own_params: list[SamplingParams | None] = [None] * len(rows)
     for position, row in enumerate(rows):
+        if row.error is None and row.params is not None:
+            own_params[position], row.error = row_params(spec, row.params)
         if row.error is not None:
             outputs[position] = GenerationOutput.failed(row.error)
             continue
@@ -92,7 +97,7 @@ def process_shard(
         if output is not None and on_row:
             on_row(output)
 
-    requests = [GenerationRequest(prompts[p].ids, seed=spec.row_seed(rows[p].index)) for p in pending]  # type: ignore[union-attr]
+    requests = [request_for(spec, rows[p].index, prompts[p].ids, own_params[p]) for p in pending]  # type: ignore[union-attr]
     generated, halvings = generate_halving_on_oom(generator, requests, spec, on_row, should_stop)
     check_not_every_row_raised(generated)
     for position, output in zip(pending, generated):
@@ -116,17 +121,41 @@ def process_shard(
         "device": loaded.device,
         "worker": worker,
     }
-    write_table(location, result_table(spec, rows, done, prompts, metadata, shard.input_types))
+    write_table(location, result_table(spec, rows, done, prompts, metadata, shard.input_types, loaded.tokenizer))
     return ShardOutcome(
         shard_index=shard.index,
         location=location,
         rows=len(rows),
-        rows_failed=sum(1 for o in done if o.error is not None),
+        rows_failed=sum(1 for o in done if o.row_error is not None),
         prompt_tokens=sum(o.prompt_tokens for o in done),
         generated_tokens=sum(o.generated_tokens for o in done),
         seconds=time.perf_counter() - started,
         batch_halvings=halvings,
     )
+
+
+def row_params(spec: RunSpec, values: dict) -> tuple[SamplingParams | None, str | None]:
+    """A row's own parameters over the run's, or why they cannot be used (that row's error, in one line)."""
+    named = spec.columns.params_column and spec.input_format != "openai-batch"
+    source = f"params column {spec.columns.params_column!r}" if named else "the request"
+    try:
+        params = spec.params.override(values, source=source)
+    except InvalidParameter as exc:
+        return None, f"{source}: {exc.line()}"
+    if params.n > 1 and not spec.many_samples:
+        return None, (f"{source}: n={params.n} needs a run with --n above 1 (the output then holds a list of samples "
+                      "per row): pass --n 2 or more, or drop n from this row")
+    return (None if params == spec.params else params), None
+
+
+def request_for(spec: RunSpec, row_index: int, prompt_ids: list[int], params: SamplingParams | None) -> GenerationRequest:
+    """A row's request: its prompt, its seed (from its own seed when it has one, so equal requests repeat), its
+    own parameters."""
+    if params is not None and params.seed is not None and params.seed != spec.params.seed:
+        seed = row_seed(params.seed, 0)
+    else:
+        seed = spec.row_seed(row_index)
+    return GenerationRequest(prompt_ids, seed=seed, params=params)
 
 
 def generate_halving_on_oom(

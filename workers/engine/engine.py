@@ -36,6 +36,7 @@ from ..generation import (
     request_error,
 )
 from ..models.loader import LoadedModel
+from .constraints import Grammars
 from .cache_sizing import AUTO, DEFAULT_BATCH_SIZE, CacheSizer
 from .memory import parse_memory_size
 from .model_runner import ModelRunner
@@ -88,6 +89,8 @@ class Engine:
         budget = None if max_memory is None else parse_memory_size(max_memory)
         self.sizer = CacheSizer(self.runner.layout, self.device, vocab, budget) if self.runner.supported else None
         self.seen: torch.Tensor | None = None  # [slots, V] bool: tokens each slot has seen (repetition penalty)
+        self.vocab_size = vocab
+        self._grammars: Grammars | None = None
 
     # ----------------------------------------------------------------- public API
 
@@ -141,7 +144,7 @@ class Engine:
         should_stop: Callable[[], bool] | None = None,
     ) -> Iterator[Event]:
         """Tokens as they are produced and outputs as requests finish (any order; outputs name their index)."""
-        if params.num_beams > 1 or not self.runner.supported:
+        if any(r.params_or(params).num_beams > 1 for r in requests) or not self.runner.supported:
             yield from self._via_hf_generate(requests, params, should_stop)
             return
         self.last_path = PATH_ENGINE
@@ -161,18 +164,21 @@ class Engine:
     ) -> Iterator[Event]:
         waiting = []
         for index, request in enumerate(requests):
-            error = request_error(len(request.prompt_ids), params, self.loaded.context_length)
+            error = self._request_error(request, request.params_or(params))
             if error is not None:
                 yield Finished(index, GenerationOutput.failed(error, len(request.prompt_ids)))
             else:
                 waiting.append(index)
         if not waiting:
             return
-        budget = lambda request: self._budget(request, params)  # noqa: E731
+        budget = lambda request: self._budget(request, request.params_or(params))  # noqa: E731
         longest = max(len(requests[i].prompt_ids) + budget(requests[i]) for i in waiting)
-        capacity = self._prepare(len(waiting) * params.n, params, longest)
+        own = [requests[i].params_or(params) for i in waiting]
+        capacity = self._prepare(sum(p.n for p in own), own, longest)
+        grammars = self.grammars if any(p.constraint is not None for p in own) else None
         scheduler = Scheduler(requests, waiting, params, capacity, budget, self.cache, self.seen, self.tokenizer,
-                              self.device)
+                              self.device, grammars)
+        bitmask = grammars.bitmask(capacity) if grammars is not None else None
         with torch.inference_mode():
             while scheduler.busy:
                 if should_stop is not None and should_stop():
@@ -182,36 +188,71 @@ class Engine:
                 self._count(decoding, chunks)
                 logits = self.runner.forward(self.cache, [slot.decode_token() for slot in decoding], chunks)
                 # logits: [len(decoding) + prompts completed, V]
-                yield from self._choose(decoding, logits[: len(decoding)], params)
+                yield from self._choose(decoding, logits[: len(decoding)], bitmask)
                 for offset, samples in enumerate(scheduler.prefilled(chunks)):
                     row_logits = logits[len(decoding) + offset : len(decoding) + offset + 1]
-                    yield from self._choose(samples, row_logits.expand(len(samples), -1), params)
+                    yield from self._choose(samples, row_logits.expand(len(samples), -1), bitmask)
                 yield from scheduler.retire()
+
+    def _request_error(self, request: GenerationRequest, params: SamplingParams) -> str | None:
+        error = request_error(len(request.prompt_ids), params, self.loaded.context_length)
+        if error is None and params.constraint is not None:
+            try:
+                self.grammars.compile(params.constraint)
+            except InvalidParameter as exc:
+                return exc.line()
+        return error
+
+    @property
+    def grammars(self) -> Grammars:
+        """Compiled constraints for this model's tokenizer, built on the first constrained request."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.vocab_size, self.loaded.eos_token_ids)
+        return self._grammars
 
     def _budget(self, request: GenerationRequest, params: SamplingParams) -> int:
         prompt_tokens = len(request.prompt_ids)
         return min(params.new_token_budget(prompt_tokens), self.loaded.context_length - prompt_tokens)
 
-    def _choose(self, chosen: list[Slot], logits: torch.Tensor, params: SamplingParams) -> Iterator[Event]:
-        """Next token of each slot, its logprobs, and whether the slot is finished."""
+    def _choose(self, chosen: list[Slot], logits: torch.Tensor, bitmask: torch.Tensor | None) -> Iterator[Event]:
+        """Next token of each slot, its logprobs, and whether the slot is finished. Slots whose parameters differ
+        are sampled in groups; each row's token depends only on its own logits, parameters and random stream."""
         # logits: [len(chosen), V], row i for chosen[i]
         if not chosen:
             return
-        seen = rows = None
-        if self.seen is not None:
-            rows = torch.tensor([slot.row for slot in chosen], device=self.device)
-            seen = self.seen[rows]  # [len(chosen), V]
-        generators = None if params.greedy else [slot.generator for slot in chosen]
-        tokens = next_tokens(logits, params, generators, seen)  # [len(chosen)]
-        if rows is not None:
-            self.seen[rows, tokens] = True
-        per_token = _logprobs(logits, tokens, params.logprobs) if params.logprobs is not None else None
+        raw = logits
+        if bitmask is not None and any(slot.matcher is not None for slot in chosen):
+            logits = logits.clone()  # logprobs stay those of the model's raw logits
+            self.grammars.apply(logits, [slot.matcher for slot in chosen], bitmask)
+        tokens = torch.empty(len(chosen), dtype=torch.long, device=logits.device)
+        per_token: list[TokenLogprobs | None] = [None] * len(chosen)
+        for params, positions in _groups(chosen):
+            index = torch.tensor(positions, device=logits.device) if len(positions) < len(chosen) else None
+            group_logits = logits if index is None else logits[index]
+            seen = rows = None
+            if self.seen is not None:
+                rows = torch.tensor([chosen[p].row for p in positions], device=self.device)
+                seen = self.seen[rows]  # [len(positions), V]
+            generators = None if params.greedy else [chosen[p].generator for p in positions]
+            group_tokens = next_tokens(group_logits, params, generators, seen)  # [len(positions)]
+            if rows is not None:
+                self.seen[rows, group_tokens] = True
+            if index is None:
+                tokens = group_tokens
+            else:
+                tokens[index] = group_tokens
+            if params.logprobs is not None:
+                group_raw = raw if index is None else raw[index]
+                for p, entry in zip(positions, _logprobs(group_raw, group_tokens, params.logprobs)):
+                    per_token[p] = entry
         now = time.perf_counter()
         for position, (slot, token) in enumerate(zip(chosen, tokens.tolist())):
             slot.tokens.append(token)
-            if per_token is not None:
+            if slot.matcher is not None:
+                slot.matcher.accept(token)
+            if per_token[position] is not None:
                 slot.logprobs.append(per_token[position])
-            slot.finish_reason = self._finish_reason(slot, token, params)
+            slot.finish_reason = self._finish_reason(slot, token, slot.params)
             yield NewToken(slot.index, slot.sample, token, now)
 
     def _finish_reason(self, slot: Slot, token: int, params: SamplingParams) -> str | None:
@@ -234,10 +275,10 @@ class Engine:
 
     # ----------------------------------------------------------------- setup
 
-    def _prepare(self, wanted_slots: int, params: SamplingParams, longest: int) -> int:
-        """Size the KV cache (and the repetition-penalty state) for a call; the slots to fill."""
-        slots = self.sizer.prepare(self._batch_size, wanted_slots, params.n, longest)
-        if params.repetition_penalty != 1.0:
+    def _prepare(self, wanted_slots: int, own: Sequence[SamplingParams], longest: int) -> int:
+        """Size the KV cache (and the repetition-penalty state) for a call's requests; the slots to fill."""
+        slots = self.sizer.prepare(self._batch_size, wanted_slots, max(p.n for p in own), longest)
+        if any(p.repetition_penalty != 1.0 for p in own):
             if self.seen is None or self.seen.shape[0] < slots:
                 vocab = self.loaded.model.get_output_embeddings().weight.shape[0]
                 self.seen = torch.zeros(slots, vocab, dtype=torch.bool, device=self.device)
@@ -251,12 +292,21 @@ class Engine:
                          should_stop: Callable[[], bool] | None) -> Iterator[Event]:
         from ..generators.hf_generate import HFGenerate
 
-        self.last_path = PATH_BEAM_SEARCH if params.num_beams > 1 else PATH_UNSUPPORTED_CACHE
+        beams = any(r.params_or(params).num_beams > 1 for r in requests)
+        self.last_path = PATH_BEAM_SEARCH if beams else PATH_UNSUPPORTED_CACHE
         hf = HFGenerate(self.loaded, DEFAULT_BATCH_SIZE if self.auto_batch else self._batch_size)
         for start in range(0, len(requests), hf.batch_size):
             batch = requests[start : start + hf.batch_size]
             for offset, output in enumerate(hf.generate(batch, params, should_stop=should_stop)):
                 yield Finished(start + offset, output)
+
+
+def _groups(chosen: list[Slot]) -> list[tuple[SamplingParams, list[int]]]:
+    """Positions of the chosen slots sharing each distinct set of parameters, in first-seen order."""
+    groups: dict[SamplingParams, list[int]] = {}
+    for position, slot in enumerate(chosen):
+        groups.setdefault(slot.params, []).append(position)
+    return list(groups.items())
 
 
 def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprobs]:

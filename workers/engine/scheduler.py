@@ -21,6 +21,7 @@ import torch
 from shardgen.schemas.sampling import SamplingParams
 
 from ..generation import FINISH_LENGTH, FINISH_STOP, GenerationOutput, GenerationRequest, Sample, TokenLogprobs
+from .constraints import Grammars, RowMatcher, check_text
 from .kv_cache import SlotCache
 from .sampling import derive_seed, row_generator
 from .step_plan import DecodeToken, PrefillChunk, split_prefill
@@ -57,6 +58,10 @@ class Slot:
     generator: torch.Generator | None
     """Its own random stream (None when greedy), so its text does not depend on the batch."""
     row: int
+    params: SamplingParams
+    """Its request's parameters (the call's, or the row's own)."""
+    matcher: RowMatcher | None = None
+    """Where its text stands in its constraint's grammar (None when unconstrained)."""
     prefilled: int = 0
     """Prompt tokens whose keys and values are in this slot's row."""
     tokens: list[int] = field(default_factory=list)
@@ -90,8 +95,9 @@ class _Pending:
 class Scheduler:
     def __init__(self, requests: Sequence[GenerationRequest], waiting: Sequence[int], params: SamplingParams,
                  capacity: int, budget: Callable[[GenerationRequest], int], cache: SlotCache | None,
-                 seen: torch.Tensor | None, tokenizer: object, device: torch.device):
+                 seen: torch.Tensor | None, tokenizer: object, device: torch.device, grammars: Grammars | None = None):
         self.requests, self.params, self.capacity, self.budget = requests, params, capacity, budget
+        self.grammars = grammars
         self.cache, self.seen, self.tokenizer, self.device = cache, seen, tokenizer, device
         self.waiting: deque[int] = deque(waiting)
         self.slots: list[Slot] = []  # occupied rows: slots[row].row == row
@@ -108,10 +114,13 @@ class Scheduler:
 
     def admit(self) -> None:
         """Give waiting requests one row per sample while they fit; the first sample's row receives the prefill."""
-        n = self.params.n
-        while self.waiting and len(self.slots) + n <= self.capacity:
-            index = self.waiting.popleft()
+        while self.waiting:
+            index = self.waiting[0]
             request = self.requests[index]
+            n = request.params_or(self.params).n
+            if len(self.slots) + n > self.capacity:
+                break
+            self.waiting.popleft()
             self.pending[index] = _Pending(request, time.perf_counter(), [None] * n)
             first_row = len(self.slots)
             for sample in range(n):
@@ -122,10 +131,11 @@ class Scheduler:
             self.prefilling.append(self.slots[first_row])
 
     def _slot(self, index: int, sample: int, request: GenerationRequest, row: int) -> Slot:
-        params = self.params
+        params = request.params_or(self.params)
         generator = None if params.greedy else row_generator(derive_seed(request.seed, sample), self.device)
+        matcher = self.grammars.matcher(params) if self.grammars is not None else None
         return Slot(
-            index, sample, request.prompt_ids, self.budget(request), generator, row,
+            index, sample, request.prompt_ids, self.budget(request), generator, row, params, matcher,
             logprobs=[] if params.logprobs is not None else None,
             stop=StopScanner(self.tokenizer, params.stop) if params.stop else None,
         )
@@ -193,5 +203,9 @@ class Scheduler:
         slot.row = target
 
     def _sample(self, slot: Slot) -> Sample:
-        text, hit = truncate_at_stop(self.tokenizer.decode(slot.tokens, skip_special_tokens=True), self.params.stop)
-        return Sample(text, list(slot.tokens), FINISH_STOP if hit else slot.finish_reason or FINISH_LENGTH, slot.logprobs)
+        params = slot.params
+        text, hit = truncate_at_stop(self.tokenizer.decode(slot.tokens, skip_special_tokens=True), params.stop)
+        finish = FINISH_STOP if hit else slot.finish_reason or FINISH_LENGTH
+        checked = check_text(params, text, slot.matcher is not None and slot.matcher.complete, finish,
+                             cut_by_stop=hit and params.constraint is not None)
+        return Sample(text, list(slot.tokens), finish, slot.logprobs, checked.error, checked.parsed)

@@ -7,8 +7,9 @@ import time
 from typing import Callable, Sequence
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from shardgen.schemas.errors import InvalidParameter
 from shardgen.schemas.sampling import SamplingParams
 
 from ..generation import (
@@ -23,6 +24,7 @@ from ..generation import (
     request_error,
 )
 from ..models.loader import LoadedModel
+from ..engine.constraints import Grammars, RowMatcher, check_text
 from ..engine.sampling import token_logprobs
 from ..engine.stop import truncate_at_stop
 
@@ -38,6 +40,32 @@ class _StopWhenAsked(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.asked, dtype=torch.bool, device=input_ids.device)
 
 
+class _GrammarMasks(LogitsProcessor):
+    """Masks each row's logits to the tokens its constraint allows next; runs before generate's warpers
+    (temperature, top-k, top-p), as transformers orders custom processors, and after repetition penalty."""
+
+    def __init__(self, grammars: Grammars, matchers: list[RowMatcher | None], prompt_width: int):
+        self.grammars, self.matchers, self.prompt_width = grammars, matchers, prompt_width
+        self.bitmask = grammars.bitmask(len(matchers))
+        self.accepted = 0
+        """Generated tokens already fed to the matchers."""
+
+    def follow(self, sequences: torch.Tensor) -> None:
+        """Feed the matchers the tokens generated since the last call."""
+        # sequences: [rows, prompt_width + generated]
+        for step in range(self.prompt_width + self.accepted, sequences.shape[1]):
+            for matcher, token in zip(self.matchers, sequences[:, step].tolist()):
+                if matcher is not None:
+                    matcher.accept(token)
+            self.accepted += 1
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        # input_ids: [rows, width]; scores: [rows, V]
+        self.follow(input_ids)
+        self.grammars.apply(scores, self.matchers, self.bitmask)
+        return scores
+
+
 class HFGenerate:
     name = "hf-generate"
 
@@ -50,6 +78,14 @@ class HFGenerate:
         self.batch_size = batch_size
         self.seed_per_request = seed_per_request
         self.use_cache = use_cache
+        self._grammars: Grammars | None = None
+
+    @property
+    def grammars(self) -> Grammars:
+        if self._grammars is None:
+            vocab = self.loaded.model.get_output_embeddings().weight.shape[0]
+            self._grammars = Grammars(self.loaded.tokenizer, vocab, self.loaded.eos_token_ids)
+        return self._grammars
 
     def generate(
         self,
@@ -59,20 +95,25 @@ class HFGenerate:
         on_output: OnOutput | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> list[GenerationOutput]:
-        outputs: list[GenerationOutput] = []
-        # One torch seed drives a whole generate call: sampled requests go alone, each drawing from its own seed,
-        # so a row's text does not depend on the rows beside it. Greedy and beam search keep the batch.
-        alone = self.seed_per_request and not params.greedy and params.num_beams == 1
-        step = 1 if alone else self.batch_size
-        for start in range(0, len(requests), step):
-            if should_stop is not None and should_stop():
-                raise GenerationCancelled(f"stopped with {len(requests) - start} requests unfinished")
-            batch = requests[start : start + step]
-            for offset, output in enumerate(self._generate_batch(batch, params, should_stop)):
-                outputs.append(output)
-                if on_output:
-                    on_output(start + offset, output)
-        return outputs
+        """Requests with their own parameters go in batches of their own: one generate call has one config."""
+        outputs: list[GenerationOutput | None] = [None] * len(requests)
+        groups: dict[SamplingParams, list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault(request.params_or(params), []).append(index)
+        for group_params, indices in groups.items():
+            # One torch seed drives a whole generate call: sampled requests go alone, each drawing from its own
+            # seed, so a row's text does not depend on the rows beside it. Greedy and beam search keep the batch.
+            alone = self.seed_per_request and not group_params.greedy and group_params.num_beams == 1
+            step = 1 if alone else self.batch_size
+            for start in range(0, len(indices), step):
+                if should_stop is not None and should_stop():
+                    raise GenerationCancelled(f"stopped with {sum(o is None for o in outputs)} requests unfinished")
+                chunk = indices[start : start + step]
+                for index, output in zip(chunk, self._generate_batch([requests[i] for i in chunk], group_params, should_stop)):
+                    outputs[index] = output
+                    if on_output:
+                        on_output(index, output)
+        return outputs  # type: ignore[return-value]
 
     def generation_kwargs(self, params: SamplingParams, budget: int) -> dict:
         tokenizer = self.loaded.tokenizer
@@ -107,7 +148,7 @@ class HFGenerate:
         by_budget: dict[int, list[int]] = {}
         for position, request in enumerate(batch):
             prompt_tokens = len(request.prompt_ids)
-            error = request_error(prompt_tokens, params, self.loaded.context_length)
+            error = request_error(prompt_tokens, params, self.loaded.context_length) or self._constraint_error(params)
             if error is not None:
                 outputs[position] = GenerationOutput.failed(error, prompt_tokens)
             else:
@@ -118,6 +159,15 @@ class HFGenerate:
             for position, output in zip(positions, generated):
                 outputs[position] = output
         return outputs  # type: ignore[return-value]
+
+    def _constraint_error(self, params: SamplingParams) -> str | None:
+        if params.constraint is None:
+            return None
+        try:
+            self.grammars.compile(params.constraint)
+        except InvalidParameter as exc:
+            return exc.line()
+        return None
 
     @torch.inference_mode()
     def _generate(self, batch: Sequence[GenerationRequest], params: SamplingParams, budget: int,
@@ -133,6 +183,10 @@ class HFGenerate:
         stop = _StopWhenAsked(should_stop) if should_stop is not None else None
         if stop is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([stop])
+        masks = None
+        if params.constraint is not None:
+            masks = _GrammarMasks(self.grammars, [self.grammars.matcher(params) for _ in range(len(batch) * params.n)], width)
+            kwargs["logits_processor"] = LogitsProcessorList([masks])
         torch.manual_seed(batch[0].seed)
         started = time.perf_counter()
         generated = loaded.model.generate(
@@ -142,6 +196,8 @@ class HFGenerate:
         if stop is not None and stop.asked:
             raise GenerationCancelled(f"stopped during a batch of {len(batch)} requests")
         sequences = generated.sequences if params.logprobs is not None else generated
+        if masks is not None:
+            masks.follow(sequences)  # the last token generated never reached the processor
         new_tokens = sequences[:, width:].tolist()
         logprobs = self._logprobs(generated.logits, sequences[:, width:], params.logprobs) if params.logprobs is not None else None
         stop_ids = set(loaded.eos_token_ids) | set(params.stop_token_ids)
@@ -150,7 +206,8 @@ class HFGenerate:
             samples = []
             for j in range(params.n):
                 row = i * params.n + j
-                samples.append(self._sample(new_tokens[row], logprobs[row] if logprobs else None, stop_ids, params))
+                matcher = masks.matchers[row] if masks is not None else None
+                samples.append(self._sample(new_tokens[row], logprobs[row] if logprobs else None, stop_ids, params, matcher))
             outputs.append(GenerationOutput(samples, len(request.prompt_ids), elapsed))
         return outputs
 
@@ -166,7 +223,8 @@ class HFGenerate:
         return rows
 
     def _sample(
-        self, tokens: list[int], logprobs: list[TokenLogprobs] | None, stop_ids: set[int], params: SamplingParams
+        self, tokens: list[int], logprobs: list[TokenLogprobs] | None, stop_ids: set[int], params: SamplingParams,
+        matcher: RowMatcher | None = None,
     ) -> Sample:
         kept: list[int] = []
         finish = FINISH_LENGTH
@@ -180,4 +238,8 @@ class HFGenerate:
             kept.pop()
         text = self.loaded.tokenizer.decode(kept, skip_special_tokens=True)
         text, hit = truncate_at_stop(text, params.stop)
-        return Sample(text, kept, FINISH_STOP if hit else finish, logprobs[: len(kept)] if logprobs is not None else None)
+        finish = FINISH_STOP if hit else finish
+        checked = check_text(params, text, matcher is not None and matcher.complete, finish,
+                             cut_by_stop=hit and params.constraint is not None)
+        return Sample(text, kept, finish, logprobs[: len(kept)] if logprobs is not None else None, checked.error,
+                      checked.parsed)
