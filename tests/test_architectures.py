@@ -74,6 +74,22 @@ def test_greedy_batch_gives_the_tokens_of_transformers_one_prompt_at_a_time(serv
         assert path == engine_paths.PATH_ENGINE
 
 
+def test_shared_prefixes_computed_once_give_the_tokens_of_transformers(served: Served):
+    """Prompts behind one system prompt: through the engine the shared blocks are prefilled once (its own step or
+    the model's forward after a cached prefix), and greedy tokens stay those of transformers one at a time."""
+    from tests.test_prefix_cache import shared_prefix_requests
+
+    requests = shared_prefix_requests(served.loaded.tokenizer, 8)
+    params = SamplingParams(max_new_tokens=12)
+    generator = make_generator(served.loaded, BATCH)
+    got = generator.generate(requests, params)
+    expected = HFGenerate(served.reference, 1).generate(requests, params)
+    path = getattr(generator, "last_path", generator.name)
+    assert token_ids(got) == token_ids(expected), f"{served.name} with a prefix cache through {path!r}"
+    if path == engine_paths.PATH_ENGINE:
+        assert generator.stats.reused_prefix_tokens >= (len(requests) - 1) * 48, f"{served.name}: no prefix reused"
+
+
 def test_sampled_tokens_for_a_seed_do_not_depend_on_the_batch(served: Served):
     # top_k keeps the draw away from float noise: over a random model's flat distribution thousands of tokens
     # share the probability mass, and a 1e-6 difference between batch shapes would move a draw across a boundary.

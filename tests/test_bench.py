@@ -14,17 +14,24 @@ def test_bench_json_structure_and_ratios_against_hf(tiny_model_dir):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["config"]["batch_size"] == "2" and report["config"]["hf_batch_size"] == 2
-    rows = {(r["workload"], r["generator"]): r for r in report["results"]}
-    assert set(rows) == {(w, g) for w in ("ragged", "equal") for g in ("engine", "hf-generate", "hf-generate-no-cache")}
-    for (workload, _), row in rows.items():
-        baseline = rows[(workload, "hf-generate")]
+    rows = {(r["workload"], r["generator"], r["prefix_cache"]): r for r in report["results"]}
+    engine_rows = {(w, "engine", cached) for w in ("ragged", "equal", "prefix") for cached in (True, False)}
+    hf_rows = {(w, g, None) for w in ("ragged", "equal", "prefix") for g in ("hf-generate", "hf-generate-no-cache")}
+    assert set(rows) == engine_rows | hf_rows  # every workload by default, the engine with its prefix cache on and off
+    for (workload, _, _), row in rows.items():
+        baseline = rows[(workload, "hf-generate", None)]
         assert row["ratio_vs_hf"] == row["tokens_per_s"] / baseline["tokens_per_s"]
         assert row["useful_tokens"] > 0 and row["ttft_p50_s"] <= row["ttft_p95_s"]
         assert 0 <= row["padding_waste"] < 1 and row["peak_rss_mb"] > 100 and row["batch_size"] == 2
-    assert rows[("equal", "engine")]["useful_tokens"] == 5 * 4  # EOS ignored: every prompt gets the full length
-    assert rows[("ragged", "engine")]["padding_waste"] == 0
-    assert rows[("ragged", "hf-generate-no-cache")]["padding_waste"] > rows[("ragged", "engine")]["padding_waste"]
-    engine = rows[("equal", "engine")]
+    assert rows[("equal", "engine", True)]["useful_tokens"] == 5 * 4  # EOS ignored: every prompt gets the full length
+    assert rows[("ragged", "engine", False)]["padding_waste"] == 0
+    assert rows[("ragged", "hf-generate-no-cache", None)]["padding_waste"] > rows[("ragged", "engine", True)]["padding_waste"]
+    cached, uncached = rows[("prefix", "engine", True)], rows[("prefix", "engine", False)]
+    assert cached["reused_prefix_tokens"] >= 4 * 400 and uncached["reused_prefix_tokens"] == 0
+    assert cached["padding_waste"] == 0  # reused prompt tokens are not counted as computed
+    assert cached["ratio_vs_no_prefix_cache"] == cached["tokens_per_s"] / uncached["tokens_per_s"]
+    assert uncached["ratio_vs_no_prefix_cache"] is None
+    engine = rows[("equal", "engine", True)]
     assert 0 < engine["batch_occupancy"] <= 1 and engine["kv_cache_mb"] > 0
     assert engine["memory_vs_model_and_cache"] > 0
     memory = report["memory"]
@@ -34,7 +41,7 @@ def test_bench_json_structure_and_ratios_against_hf(tiny_model_dir):
 
 def test_bench_batch_size_auto_sizes_the_engine_and_runs_hf_generate_at_16(tiny_model_dir):
     args = ["--model", str(tiny_model_dir), "--device", "cpu", "--prompts", "5", "--batch-size", "auto",
-            "--max-memory", "64GiB", "--workload", "equal", "--max-new-tokens", "2", "--json"]
+            "--max-memory", "64GiB", "--workload", "equal", "--max-new-tokens", "2", "--prefix-cache", "off", "--json"]
     result = CliRunner().invoke(bench, args)
     assert result.exit_code == 0, result.output
     rows = {r["generator"]: r for r in json.loads(result.stdout)["results"]}
@@ -44,7 +51,7 @@ def test_bench_batch_size_auto_sizes_the_engine_and_runs_hf_generate_at_16(tiny_
 
 def test_bench_runs_the_engine_at_each_batch_size_given(tiny_model_dir):
     args = ["--model", str(tiny_model_dir), "--device", "cpu", "--prompts", "5", "--batch-size", "2,auto",
-            "--workload", "ragged", "--max-new-tokens", "2", "--generators", "engine", "--json"]
+            "--workload", "ragged", "--max-new-tokens", "2", "--generators", "engine", "--prefix-cache", "on", "--json"]
     result = CliRunner().invoke(bench, args)
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["results"]
@@ -89,3 +96,14 @@ def test_peak_memory_is_the_process_peak_during_the_block_not_before():
         assert 190 <= grown < 260, grown
         assert (idle.peak_bytes - idle.start_bytes) / 2**20 < 20
     """)
+
+
+def test_the_prefix_workload_shares_400_tokens_and_its_rows_are_short(tiny_loaded):
+    from shardgen.producer.bench.prompts import shared_prefix_prompts
+
+    prompts = shared_prefix_prompts(tiny_loaded.tokenizer, 32, seed=0)
+    assert prompts == shared_prefix_prompts(tiny_loaded.tokenizer, 32, seed=0)
+    first = prompts[0]
+    shared = min(next((i for i, (a, b) in enumerate(zip(first, p)) if a != b), len(p)) for p in prompts[1:])
+    assert 400 <= shared < 430
+    assert all(len(p) - shared < 40 for p in prompts) and len({tuple(p) for p in prompts}) > 16

@@ -59,7 +59,8 @@ def test_greedy_matches_hf_generate_one_prompt_at_a_time(tiny_loaded, tiny_refer
 
 def test_waiting_prompts_prefill_together_in_one_forward(tiny_loaded):
     requests = requests_for(tiny_loaded.tokenizer, 6)
-    engine = Engine(tiny_loaded, batch_size=8, step_tokens=512)
+    # without the prefix cache, which would let the prompts behind the first wait for its system prompt's blocks
+    engine = Engine(tiny_loaded, batch_size=8, step_tokens=512, prefix_cache=False)
     outputs = engine.generate(requests, SamplingParams(max_new_tokens=1))
     assert all(len(o.samples[0].token_ids) == 1 for o in outputs)
     assert engine.stats.forwards == 1  # six prompts, one forward, each prompt's first token from its own logits
@@ -80,7 +81,7 @@ def test_a_long_prompt_prefills_in_chunks_while_the_others_keep_decoding(tiny_lo
 
 def test_stats_count_prefill_decode_and_occupancy(tiny_loaded):
     requests = requests_for(tiny_loaded.tokenizer, 5)
-    engine = Engine(tiny_loaded, batch_size=4)
+    engine = Engine(tiny_loaded, batch_size=4, prefix_cache=False)  # its counts: tests/test_prefix_cache.py
     outputs = engine.generate(requests, SamplingParams(max_new_tokens=6, n=2, temperature=1.0))
     stats = engine.stats
     assert stats.prefill_tokens == sum(len(r.prompt_ids) for r in requests)  # once per prompt, not per sample

@@ -1,8 +1,10 @@
 """`shardgen bench engine` (plain `shardgen bench`): the engine against transformers' generate on the same prompts,
 in one process.
 
-Two workloads: "ragged" (chat prompts of varied length, sampled answers that end at EOS) and "equal" (prompts of
-one length, a fixed output length with EOS ignored). Per generator and workload it reports useful tokens/s
+Three workloads: "ragged" (chat prompts of varied length, sampled answers that end at EOS), "equal" (prompts of
+one length, a fixed output length with EOS ignored) and "prefix" (short chat rows behind one shared 400-token
+system prompt of instructions, sampled answers that end at EOS). The engine runs each with its prefix cache on
+and off (`--prefix-cache`). Per generator and workload it reports useful tokens/s
 (generated tokens up to and including EOS), time to first token, padding waste (token positions computed that
 were not prompt or useful output), the process's peak resident memory (RSS) during the run, and the ratio to HF
 generate.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import itertools
 import json
 import statistics
 import threading
@@ -31,12 +34,14 @@ from shardgen.workers.engine.memory import peak_rss_bytes, process_rss_bytes, re
 from shardgen.workers.generators import HF_BATCH_WITH_AUTO
 
 from ..command_support import out
-from .prompts import equal_prompts, ragged_prompts
+from .prompts import PREFIX_TOKENS, equal_prompts, ragged_prompts, shared_prefix_prompts
 
 GENERATORS = ("engine", "hf-generate", "hf-continuous", "hf-generate-no-cache")
 GENERATOR_ALIASES = {"shardgen": "engine"}
 """`--generators` takes the names `--engine` takes: shardgen's engine is `engine` or `shardgen`."""
-WORKLOADS = ("ragged", "equal")
+WORKLOADS = ("ragged", "equal", "prefix")
+WORKLOAD_CHOICES = {"all": WORKLOADS, "both": ("ragged", "equal"), **{name: (name,) for name in WORKLOADS}}
+PREFIX_CACHE_CHOICES = {"on,off": (True, False), "on": (True,), "off": (False,), "off,on": (False, True)}
 BASELINE = "hf-generate"
 
 @dataclass
@@ -69,6 +74,12 @@ class Result:
     memory_vs_model_and_cache: float | None = None
     """Engine: (peak RSS - runtime without the weights) / (model footprint + KV cache); see MemoryReport."""
     ratio_vs_hf: float | None = None
+    prefix_cache: bool | None = None
+    """Engine: whether its prefix cache was on."""
+    reused_prefix_tokens: int | None = None
+    """Engine: prompt tokens whose keys and values the prefix cache gave instead of a prefill."""
+    ratio_vs_no_prefix_cache: float | None = None
+    """Engine with the prefix cache on: tokens/s over the same run with it off."""
     path: str | None = None
     note: str | None = None
 
@@ -82,6 +93,7 @@ class Measured:
     batch_size: int | None = None
     batch_occupancy: float | None = None
     kv_cache_bytes: int | None = None
+    reused_prefix_tokens: int | None = None
 
 
 @dataclass
@@ -108,6 +120,9 @@ def build_workloads(tokenizer: Any, names: Sequence[str], count: int, max_new_to
     if "equal" in names:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.9, seed=seed, ignore_eos=True)
         chosen.append(Workload("equal", equal_prompts(tokenizer, count, 64), params))
+    if "prefix" in names:
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.9, seed=seed)
+        chosen.append(Workload("prefix", shared_prefix_prompts(tokenizer, count, seed, PREFIX_TOKENS), params))
     return chosen
 
 
@@ -184,7 +199,7 @@ def run_engine(engine: Any, workload: Workload) -> Measured:
             useful += event.output.generated_tokens
     stats = engine.stats.since(before)
     return Measured(useful, list(first.values()), stats.computed_tokens, engine.last_path, stats.slots,
-                    stats.batch_occupancy, stats.cache_bytes)
+                    stats.batch_occupancy, stats.cache_bytes, stats.reused_prefix_tokens)
 
 
 class FirstTokenStreamer:
@@ -290,7 +305,9 @@ def measure(label: str, workload: Workload, device: str, run: Callable[[], Measu
         result.ttft_p50_s = statistics.median(measured.first_token_s)
         result.ttft_p95_s = _percentile(measured.first_token_s, 0.95)
     if measured.computed_slots:
-        result.padding_waste = max(0.0, 1 - (prompt_tokens + measured.useful_tokens) / measured.computed_slots)
+        computed_prompt = prompt_tokens - (measured.reused_prefix_tokens or 0)
+        result.padding_waste = max(0.0, 1 - (computed_prompt + measured.useful_tokens) / measured.computed_slots)
+    result.reused_prefix_tokens = measured.reused_prefix_tokens
     result.batch_occupancy = measured.batch_occupancy
     result.peak_rss_mb = memory.peak_bytes / 2**20
     if memory.device_peak_bytes is not None:
@@ -308,17 +325,21 @@ def _percentile(values: list[float], q: float) -> float:
 
 def add_ratios(results: list[Result]) -> None:
     baseline = {r.workload: r.tokens_per_s for r in results if r.generator == BASELINE and r.tokens_per_s}
+    uncached = {(r.workload, r.batch_size): r.tokens_per_s for r in results
+                if r.generator == "engine" and r.prefix_cache is False and r.tokens_per_s}
     for r in results:
         if r.tokens_per_s and r.workload in baseline:
             r.ratio_vs_hf = r.tokens_per_s / baseline[r.workload]
+        if r.tokens_per_s and r.prefix_cache and (r.workload, r.batch_size) in uncached:
+            r.ratio_vs_no_prefix_cache = r.tokens_per_s / uncached[(r.workload, r.batch_size)]
 
 
 def print_table(results: list[Result], memory: MemoryReport, header: str) -> None:
     from rich.table import Table
 
     table = Table(title=header)
-    columns = ("workload", "generator", "batch", "useful tok/s", "vs HF", "TTFT p50 / p95 (s)", "padding waste",
-               "occupancy", "peak RSS (MB)", "note")
+    columns = ("workload", "generator", "batch", "prefix cache", "useful tok/s", "vs HF", "vs no prefix cache",
+               "TTFT p50 / p95 (s)", "padding waste", "occupancy", "peak RSS (MB)", "note")
     for column in columns:
         table.add_column(column, justify="left" if column in ("workload", "generator", "note") else "right")
     for r in results:
@@ -326,8 +347,10 @@ def print_table(results: list[Result], memory: MemoryReport, header: str) -> Non
             r.workload,
             r.generator,
             _fmt(r.batch_size, "{}"),
+            "-" if r.prefix_cache is None else ("on" if r.prefix_cache else "off"),
             _fmt(r.tokens_per_s, "{:.1f}"),
             _fmt(r.ratio_vs_hf, "{:.2f}x"),
+            _fmt(r.ratio_vs_no_prefix_cache, "{:.2f}x"),
             f"{_fmt(r.ttft_p50_s, '{:.1f}')} / {_fmt(r.ttft_p95_s, '{:.1f}')}",
             _fmt(r.padding_waste, "{:.0%}"),
             _fmt(r.batch_occupancy, "{:.0%}"),
@@ -391,10 +414,15 @@ def parse_batch_sizes(value: str) -> list[int | str]:
               help="Prompts per workload.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
               help="Most new tokens per prompt (exactly this many in the equal workload).")
-@click.option("--workload", type=click.Choice(["ragged", "equal", "both"]), default="both", show_default=True,
+@click.option("--workload", type=click.Choice(list(WORKLOAD_CHOICES)), default="all", show_default=True,
               help="ragged: chat prompts of about 35-550 tokens (mean about 120), temperature 0.7, top_p 0.9, "
               "stop at EOS; "
-              "equal: 64-token prompts, fixed output length (EOS ignored).")
+              "equal: 64-token prompts, fixed output length (EOS ignored); "
+              f"prefix: short chat rows behind one shared system prompt of {PREFIX_TOKENS}+ tokens, sampled as "
+              "ragged; both: ragged and equal; all: the three.")
+@click.option("--prefix-cache", "prefix_cache", type=click.Choice(list(PREFIX_CACHE_CHOICES)), default="on,off",
+              show_default=True, help="Run the engine with its prefix cache on, off, or both (each workload and "
+              "batch size twice; the JSON rows carry prefix_cache).")
 @click.option("--generators", default="engine,hf-generate", show_default=True,
               help=f"Comma-separated subset of {', '.join(GENERATORS)} (engine is also called shardgen; "
               "hf-continuous, transformers' generate_batch, is slow and memory-hungry on a CPU; "
@@ -404,7 +432,7 @@ def parse_batch_sizes(value: str) -> list[int | str]:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the ragged prompts and the sampling.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
 def bench(model, quantize, device, batch_size, max_memory, step_tokens, prompt_count, max_new_tokens, workload,
-          generators, no_kv_cache, compile_, seed, as_json):
+          generators, no_kv_cache, compile_, seed, as_json, prefix_cache):
     """Measure the engine against transformers' generate (static batches), and optionally continuous batching
     (generate_batch), on the same prompts: useful tokens/s, time to first token, padding waste, memory."""
     from shardgen.schemas.model import ModelSpec
@@ -437,7 +465,7 @@ def bench(model, quantize, device, batch_size, max_memory, step_tokens, prompt_c
         release_freed_memory()  # every reading below is of memory in use, not of what earlier work left in the heap
         memory.rss_before_load_mb = process_rss_bytes() / 2**20
         loaded = load_model(spec, device)
-        workloads = build_workloads(loaded.tokenizer, WORKLOADS if workload == "both" else (workload,), prompt_count,
+        workloads = build_workloads(loaded.tokenizer, WORKLOAD_CHOICES[workload], prompt_count,
                                     max_new_tokens, seed)
         warm_up(loaded)
         release_freed_memory()
@@ -449,16 +477,19 @@ def bench(model, quantize, device, batch_size, max_memory, step_tokens, prompt_c
         engine = Engine(loaded, batch_size=batches[0], max_memory=max_memory, compile=compile_, **options)
         release_freed_memory()
         memory.rss_engine_mb = process_rss_bytes() / 2**20
-        for size in batches:
+        for size, cached in itertools.product(batches, PREFIX_CACHE_CHOICES[prefix_cache]):
             engine.batch_size = size
             first = len(results)
 
-            def free_cache() -> None:  # each run's memory includes the KV cache it sized, not the last one's
-                engine.free_cache()
+            def free_cache() -> None:  # each run's memory includes the KV cache it sized, not the last one's,
+                engine.free_cache()  # and its own prefix cache, empty at its start
+                engine.prefix_cache = False
+                engine.prefix_cache = cached
                 release_freed_memory()
 
             run_all("engine", lambda w: run_engine(engine, w), loaded.device, free_cache)
             for r in results[first:]:
+                r.prefix_cache = cached
                 if r.peak_rss_mb is not None and r.kv_cache_mb is not None:
                     model_and_cache = memory.model_footprint_mb + r.kv_cache_mb
                     r.memory_vs_model_and_cache = (r.peak_rss_mb - memory.runtime_mb) / model_and_cache
@@ -468,7 +499,7 @@ def bench(model, quantize, device, batch_size, max_memory, step_tokens, prompt_c
     if others:
         plain = load_model(spec, device)
         if not workloads:
-            workloads = build_workloads(plain.tokenizer, WORKLOADS if workload == "both" else (workload,),
+            workloads = build_workloads(plain.tokenizer, WORKLOAD_CHOICES[workload],
                                         prompt_count, max_new_tokens, seed)
         warm_up(plain)
         runners: dict[str, Callable[[Workload], Measured]] = {
@@ -483,6 +514,7 @@ def bench(model, quantize, device, batch_size, max_memory, step_tokens, prompt_c
     order = {name: i for i, name in enumerate(GENERATORS)}
     results.sort(key=lambda r: (WORKLOADS.index(r.workload), order[r.generator]))  # stable: engine batches in order
     config = dict(model=model, quantize=quantize, device=used_device, batch_size=batch_size, hf_batch_size=hf_batch,
+                  workload=workload, prefix_cache=prefix_cache,
                   max_memory=max_memory, step_tokens=step_tokens, prompts=prompt_count,
                   max_new_tokens=max_new_tokens, seed=seed, compile=compile_)
     if as_json:

@@ -53,6 +53,53 @@ def ragged_prompts(tokenizer: Any, count: int, seed: int) -> list[list[int]]:
     return prompts
 
 
+INSTRUCTIONS = [
+    "You label and answer questions for an educational dataset.",
+    "Read the question carefully and answer it in one or two plain sentences.",
+    "Do not repeat the question, do not greet the reader and do not add a closing remark.",
+    "If the question asks for a list, give at most three items, separated by commas.",
+    "If the question asks for a poem or a haiku, keep it under forty words and do not explain it.",
+    "If the question compares two things, name one difference and one similarity.",
+    "If a question is ambiguous, answer the most common reading of it and say nothing about the others.",
+    "Use words a twelve-year-old knows; when a technical term is needed, explain it in a few words.",
+    "Never invent numbers, dates or names; when you are not sure of a fact, leave it out.",
+    "Prefer concrete examples from everyday life over abstract definitions.",
+    "Write in the present tense unless the question is about history.",
+    "Do not use lists, headings, bold text, emoji or any other formatting: plain sentences only.",
+    "Keep a neutral, friendly tone, as a patient teacher would with a curious student.",
+    "When the topic is a scientific process, name its cause and its effect.",
+    "When the topic is a historical event, name when and where it happened, if you know it for certain.",
+    "When the topic is a technology, say what problem it solves and what it costs.",
+    "When the topic is a living thing, say where it lives and what it needs to survive.",
+    "When the question asks why something matters, give one reason that concerns ordinary people.",
+    "Summaries must stay under fifty words, whatever the length of the subject.",
+    "Misconceptions must be stated first and then corrected, each in one sentence.",
+    "Pros and cons come as one sentence of advantages followed by one sentence of drawbacks.",
+    "Explanations for children avoid numbers larger than one hundred.",
+    "Every answer ends with a full stop and contains no question of its own.",
+    "These rules apply to every question in the dataset, whatever its topic.",
+]
+PREFIX_TOKENS = 400
+
+
+def shared_prefix_prompts(tokenizer: Any, count: int, seed: int, prefix_tokens: int = PREFIX_TOKENS) -> list[list[int]]:
+    """Short chat rows behind one shared system prompt of at least `prefix_tokens` tokens (instructions, as a
+    dataset run gives every row): a question of about ten tokens each."""
+    rng = random.Random(seed)
+    rules: list[str] = []
+    while len(tokenizer(" ".join(rules), add_special_tokens=False)["input_ids"]) < prefix_tokens:
+        rules.append(INSTRUCTIONS[len(rules) % len(INSTRUCTIONS)])
+    system = " ".join(rules)
+    prompts = []
+    for _ in range(count):
+        topic, other = rng.sample(TOPICS, 2)
+        messages = [{"role": "system", "content": system},
+                    {"role": "user", "content": rng.choice(ASKS).format(t=topic, u=other)}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return prompts
+
+
 def equal_prompts(tokenizer: Any, count: int, length: int) -> list[list[int]]:
     """`count` different raw-text prompts of exactly `length` tokens."""
     ids = tokenizer(FILLER * (length // 8 + count), add_special_tokens=False)["input_ids"]

@@ -41,6 +41,7 @@ from .cache_sizing import AUTO, DEFAULT_BATCH_SIZE, CacheSizer
 from .memory import parse_memory_size
 from .model_runner import ModelRunner
 from .packed_linear import pack_linears
+from .prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache
 from .sampling import next_tokens, token_logprobs
 from .scheduler import Event, Finished, NewToken, Scheduler, Slot
 from .stats import EngineStats
@@ -65,11 +66,14 @@ class Engine:
         max_memory: int | str | None = None,
         step_tokens: int = DEFAULT_STEP_TOKENS,
         compile: bool = False,
+        prefix_cache: bool = True,
+        prefix_cache_memory: int | str = DEFAULT_PREFIX_CACHE_BYTES,
     ):
         """`batch_size` is a number of slots, or "auto": per call, as many as the KV cache at that call's longest
         sequence fits in `max_memory` (bytes or a size such as "8GiB"; by default what the process holds plus
         what the device has free). On the CPU the model's float32 linear layers are packed in place (see
-        packed_linear): the engine owns the model from then on."""
+        packed_linear): the engine owns the model from then on. With `prefix_cache`, prompt blocks that several
+        prompts share are prefilled once and kept across calls within `prefix_cache_memory` (prefix_cache.py)."""
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.device = torch.device(loaded.device)
@@ -88,6 +92,9 @@ class Engine:
         vocab = loaded.model.get_output_embeddings().weight.shape[0]
         budget = None if max_memory is None else parse_memory_size(max_memory)
         self.sizer = CacheSizer(self.runner.layout, self.device, vocab, budget) if self.runner.supported else None
+        self.prefix_cache_memory = parse_memory_size(prefix_cache_memory)
+        self.prefixes: PrefixCache | None = None
+        self.prefix_cache = prefix_cache
         self.seen: torch.Tensor | None = None  # [slots, V] bool: tokens each slot has seen (repetition penalty)
         self.vocab_size = vocab
         self._grammars: Grammars | None = None
@@ -105,6 +112,18 @@ class Engine:
         if value != AUTO and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise InvalidParameter(f"batch_size must be a positive integer or {AUTO!r}, got {value!r}")
         self._batch_size = value
+
+    @property
+    def prefix_cache(self) -> bool:
+        """Whether shared prompt prefixes are computed once (turning it off drops what is stored)."""
+        return self.prefixes is not None
+
+    @prefix_cache.setter
+    def prefix_cache(self, on: bool) -> None:
+        if not on or self.runner.layout is None:
+            self.prefixes = None
+        elif self.prefixes is None:
+            self.prefixes = PrefixCache(self.runner.layout, self.device, max_bytes=self.prefix_cache_memory)
 
     @property
     def auto_batch(self) -> bool:
@@ -177,7 +196,7 @@ class Engine:
         capacity = self._prepare(sum(p.n for p in own), own, longest)
         grammars = self.grammars if any(p.constraint is not None for p in own) else None
         scheduler = Scheduler(requests, waiting, params, capacity, budget, self.cache, self.seen, self.tokenizer,
-                              self.device, grammars)
+                              self.device, grammars, self.prefixes)
         bitmask = grammars.bitmask(capacity) if grammars is not None else None
         with torch.inference_mode():
             while scheduler.busy:
@@ -185,7 +204,7 @@ class Engine:
                     raise GenerationCancelled(f"stopped with {scheduler.unfinished} requests unfinished")
                 scheduler.admit()
                 decoding, chunks = scheduler.plan(self.step_tokens, self.runner.chunked_prefill)
-                self._count(decoding, chunks)
+                self._count(decoding, chunks, scheduler)
                 logits = self.runner.forward(self.cache, [slot.decode_token() for slot in decoding], chunks)
                 # logits: [len(decoding) + prompts completed, V]
                 yield from self._choose(decoding, logits[: len(decoding)], bitmask)
@@ -264,9 +283,11 @@ class Engine:
             return FINISH_LENGTH
         return None
 
-    def _count(self, decoding: list[Slot], chunks: list) -> None:
+    def _count(self, decoding: list[Slot], chunks: list, scheduler: Scheduler) -> None:
         stats = self.stats
         stats.forwards += 1
+        stats.reused_prefix_tokens += scheduler.reused_tokens
+        scheduler.reused_tokens = 0
         stats.prefill_tokens += sum(len(chunk.token_ids) for chunk in chunks)
         if decoding:
             stats.decode_steps += 1

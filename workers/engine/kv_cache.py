@@ -20,8 +20,10 @@ class SlotCache:
 
     def __init__(self, layout: CacheLayout, slots: int, capacity: int, device: torch.device | str):
         shape = (layout.layers, slots, layout.kv_heads, capacity, layout.head_dim)
-        self.keys = list(torch.zeros(shape, dtype=layout.dtype, device=device).unbind(0))
-        self.values = list(torch.zeros(shape, dtype=layout.dtype, device=device).unbind(0))
+        self.key_store = torch.zeros(shape, dtype=layout.dtype, device=device)  # [layers, slots, Hkv, capacity, D]
+        self.value_store = torch.zeros(shape, dtype=layout.dtype, device=device)
+        self.keys = list(self.key_store.unbind(0))
+        self.values = list(self.value_store.unbind(0))
         self.slots = slots
         self.capacity = capacity
         self.nbytes = layout.cache_bytes(slots, capacity)

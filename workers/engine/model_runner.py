@@ -59,13 +59,15 @@ class ModelRunner:
 
     def _model_forward_step(self, cache: SlotCache, decode: list[DecodeToken], chunks: list[PrefillChunk]) -> torch.Tensor:
         """Decode tokens (always the first rows here, as prompts are prefilled whole) in one call, then each prompt
-        alone, through the model's own forward."""
+        alone, through the model's own forward (after its cached prefix, if the prefix cache gave it one)."""
         logits = []
         if decode:
             assert [token.row for token in decode] == list(range(len(decode))), "decoding rows must come first"
             logits.append(self._model_decode(cache, decode))
         for chunk in chunks:
-            out = self.model(input_ids=torch.tensor([chunk.token_ids], device=self.device), use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=torch.tensor([chunk.token_ids], device=self.device),
+                             past_key_values=_prefix_of_row(cache, chunk.row, chunk.start), use_cache=True,
+                             logits_to_keep=1)
             layers = out.past_key_values.layers
             cache.write_prompt(chunk.row, [layer.keys for layer in layers], [layer.values for layer in layers])
             logits.append(out.logits[:, -1])
@@ -109,3 +111,15 @@ class ModelRunner:
         if any(layer.keys.shape != keys.shape for layer in layers):
             return None
         return CacheLayout(len(layers), keys.shape[1], keys.shape[3], keys.dtype)
+
+
+def _prefix_of_row(cache: SlotCache, row: int, length: int) -> Any:
+    """The first `length` positions of a cache row as transformers' DynamicCache (None when there are none)."""
+    if length == 0:
+        return None
+    from transformers import DynamicCache
+
+    prefix = DynamicCache()
+    for layer, (keys, values) in enumerate(zip(cache.keys, cache.values)):
+        prefix.update(keys[row : row + 1, :, :length].clone(), values[row : row + 1, :, :length].clone(), layer)
+    return prefix

@@ -5,7 +5,9 @@ sits from position 0 on. Occupied slots are the first rows. Waiting requests are
 served, while their samples fit the free rows. A step decodes one token for every slot that has one to feed back,
 and prefills chunks of the prompts being prefilled, first admitted first, within the step's token budget. The
 samples of one prompt share its prefill: its keys and values are computed once, in the first sample's row, and
-copied to the others when it completes. A finished sample leaves at once: the last occupied row moves into its
+copied to the others when it completes. With a prefix cache (prefix_cache.py), a prompt's prefill starts after
+the longest run of stored blocks it begins with, and a prompt whose next block another prompt ahead of it is
+computing waits for that one to complete, then reuses it. A finished sample leaves at once: the last occupied row moves into its
 row, so the occupied rows stay a prefix and the next waiting prompt takes the free rows before the next step.
 """
 
@@ -23,6 +25,7 @@ from shardgen.schemas.sampling import SamplingParams
 from ..generation import FINISH_LENGTH, FINISH_STOP, GenerationOutput, GenerationRequest, Sample, TokenLogprobs
 from .constraints import Grammars, RowMatcher, check_text
 from .kv_cache import SlotCache
+from .prefix_cache import PrefixCache
 from .sampling import derive_seed, row_generator
 from .step_plan import DecodeToken, PrefillChunk, split_prefill
 from .stop import StopScanner, truncate_at_stop
@@ -68,6 +71,10 @@ class Slot:
     logprobs: list[TokenLogprobs] | None = None
     stop: StopScanner | None = None
     finish_reason: str | None = None
+    prefix_hashes: list[int] | None = None
+    """With a prefix cache: a hash of each full block's prefix (the first sample's only)."""
+    started: bool = False
+    """Whether a chunk of its prompt has been computed (after that its prefix is no longer looked up)."""
 
     @property
     def position(self) -> int:
@@ -95,10 +102,16 @@ class _Pending:
 class Scheduler:
     def __init__(self, requests: Sequence[GenerationRequest], waiting: Sequence[int], params: SamplingParams,
                  capacity: int, budget: Callable[[GenerationRequest], int], cache: SlotCache | None,
-                 seen: torch.Tensor | None, tokenizer: object, device: torch.device, grammars: Grammars | None = None):
+                 seen: torch.Tensor | None, tokenizer: object, device: torch.device, grammars: Grammars | None = None,
+                 prefixes: PrefixCache | None = None):
         self.requests, self.params, self.capacity, self.budget = requests, params, capacity, budget
         self.grammars = grammars
         self.cache, self.seen, self.tokenizer, self.device = cache, seen, tokenizer, device
+        self.prefixes = prefixes if cache is not None else None
+        self.reused_tokens = 0
+        """Prompt tokens whose keys and values came from the prefix cache instead of a prefill."""
+        self.prefix_hashes: dict[int, list[int]] = {}
+        self._sight(waiting)
         self.waiting: deque[int] = deque(waiting)
         self.slots: list[Slot] = []  # occupied rows: slots[row].row == row
         self.prefilling: deque[Slot] = deque()  # first samples whose prompt is not all in the cache
@@ -128,7 +141,18 @@ class Scheduler:
             if self.seen is not None:
                 self.seen[first_row : first_row + n] = False
                 self.seen[first_row : first_row + n, request.prompt_ids] = True
-            self.prefilling.append(self.slots[first_row])
+            leader = self.slots[first_row]
+            leader.prefix_hashes = self.prefix_hashes.pop(index, None)
+            self.prefilling.append(leader)
+
+    def _sight(self, indices: Sequence[int]) -> None:
+        """Tell the prefix cache which blocks the call's prompts hold, so that it keeps those that are shared."""
+        if self.prefixes is None:
+            return
+        for index in indices:
+            hashes = self.prefixes.prefix_hashes(self.requests[index].prompt_ids)
+            self.prefixes.sighted(hashes)
+            self.prefix_hashes[index] = hashes
 
     def _slot(self, index: int, sample: int, request: GenerationRequest, row: int) -> Slot:
         params = request.params_or(self.params)
@@ -147,7 +171,8 @@ class Scheduler:
         decoding = [slot for slot in self.slots if slot.tokens]
         if not self.prefilling:
             return decoding, []
-        remaining = [len(slot.prompt_ids) - slot.prefilled for slot in self.prefilling]
+        ready = self._reuse_prefixes() if self.prefixes is not None else len(self.prefilling)
+        remaining = [len(slot.prompt_ids) - slot.prefilled for slot in list(self.prefilling)[:ready]]
         budget = max(step_tokens - len(decoding), step_tokens // 4, 1)
         shares = split_prefill(remaining, budget) if chunked else remaining
         chunks = []
@@ -155,8 +180,35 @@ class Scheduler:
             if share == 0:
                 break
             tokens = slot.prompt_ids[slot.prefilled : slot.prefilled + share]
+            slot.started = True
             chunks.append(PrefillChunk(slot.row, slot.prefilled, tokens, wants_logits=share == left))
         return decoding, chunks
+
+    def _reuse_prefixes(self) -> int:
+        """Give each prompt not started yet the longest stored prefix it begins with; put a prompt whose next block
+        one ahead of it is computing behind the others, so that it reuses that block once it is stored. Returns
+        how many prompts, from the first, this step may prefill."""
+        assert self.prefixes is not None and self.cache is not None
+        computing: set[int] = set()  # block prefixes of prompts ahead in line, stored once they are prefilled
+        ready: list[Slot] = []
+        behind: list[Slot] = []
+        for slot in self.prefilling:
+            hashes = slot.prefix_hashes or []
+            if not slot.started:
+                hit = self.prefixes.lookup(slot.prompt_ids)
+                if hit.count * self.prefixes.block_tokens > slot.prefilled:
+                    reused = self.prefixes.copy_into(self.cache, slot.row, hit)
+                    self.reused_tokens += reused - slot.prefilled
+                    slot.prefilled = reused
+                following = slot.prefilled // self.prefixes.block_tokens
+                if following < len(hashes) and hashes[following] in computing:
+                    behind.append(slot)
+                    continue
+            computing.update(hashes)  # stored only once its prefill completes
+            ready.append(slot)
+        if behind:
+            self.prefilling = deque(ready + behind)
+        return len(ready)
 
     def prefilled(self, chunks: list[PrefillChunk]) -> list[list[Slot]]:
         """Note what the step prefilled; the samples of each prompt it completed, in chunk order (their first
@@ -164,7 +216,11 @@ class Scheduler:
         for leader, chunk in zip(self.prefilling, chunks):
             leader.prefilled += len(chunk.token_ids)
         completed = sum(chunk.wants_logits for chunk in chunks)  # always the first ones being prefilled
-        return [self._share_prompt(self.prefilling.popleft()) for _ in range(completed)]
+        leaders = [self.prefilling.popleft() for _ in range(completed)]
+        if self.prefixes is not None:
+            for leader in leaders:
+                self.prefixes.store(self.cache, leader.row, leader.prompt_ids, leader.prefix_hashes or [])
+        return [self._share_prompt(leader) for leader in leaders]
 
     def _share_prompt(self, leader: Slot) -> list[Slot]:
         """A prompt's prefill is complete in its first sample's row: copy it to its other samples' rows."""

@@ -14,6 +14,8 @@ class EngineStats:
     """Model forwards (a step carries decode tokens, prefill chunks or both in one)."""
     prefill_tokens: int = 0
     """Prompt tokens computed (once per prompt, whatever its number of samples)."""
+    reused_prefix_tokens: int = 0
+    """Prompt tokens not computed: their keys and values came from the prefix cache."""
     decode_steps: int = 0
     """Forwards that decoded at least one slot."""
     decode_tokens: int = 0
