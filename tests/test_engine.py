@@ -378,3 +378,42 @@ def test_logprobs_off_or_zero(tiny_loaded):
     assert engine.generate(request, SamplingParams(max_new_tokens=3))[0].samples[0].logprobs is None
     entries = engine.generate(request, SamplingParams(max_new_tokens=3, logprobs=0))[0].samples[0].logprobs
     assert len(entries) == 3 and all(e.top_token_ids == () and e.logprob <= 0 for e in entries)
+
+
+def test_refill_joins_a_running_call_and_changes_no_token(tiny_loaded):
+    """A worker's next shard joins the call while its slots free: each request's tokens are those it gets alone
+    (greedy and sampled, per-row seeds), and the joined requests continue the call's indices."""
+    first, later = requests_for(tiny_loaded.tokenizer, 6), requests_for(tiny_loaded.tokenizer, 16, seed_base=100)[6:]
+    for params in (SamplingParams(max_new_tokens=10), SamplingParams(max_new_tokens=10, temperature=0.9, seed=3)):
+        engine = Engine(tiny_loaded, batch_size=4)
+        offered: list[list[GenerationRequest]] = [later[:5], later[5:]]
+        taken: list[GenerationRequest] = []
+        asked = []
+
+        def refill(fits):
+            asked.append(len(taken))
+            joining = [r for r in offered.pop(0) if fits(r)] if offered else []
+            taken.extend(joining)
+            return joining
+
+        seen = {}
+        outputs = engine.generate(first, params, on_output=lambda i, out: seen.setdefault(i, out), refill=refill)
+        assert len(taken) >= 5 and len(outputs) == len(first) + len(taken) == len(seen)
+        assert token_ids(outputs) == token_ids(Engine(tiny_loaded, batch_size=4).generate(first + taken, params))
+        assert not offered and len(asked) >= 3  # asked while it ran, and once more after both were taken
+
+
+def test_refill_leaves_out_what_does_not_fit_the_running_call(tiny_loaded):
+    engine = Engine(tiny_loaded, batch_size=2)
+    short = requests_for(tiny_loaded.tokenizer, 2)
+    too_long = GenerationRequest(short[0].prompt_ids * 4, seed=1)
+    penalised = GenerationRequest(short[0].prompt_ids, params=SamplingParams(max_new_tokens=4, repetition_penalty=1.3))
+    verdicts = []
+
+    def refill(fits):
+        if not verdicts:
+            verdicts.extend([fits(too_long), fits(penalised), fits(short[1])])
+        return []
+
+    engine.generate(short, SamplingParams(max_new_tokens=4), refill=refill)
+    assert verdicts == [False, False, True]

@@ -122,6 +122,11 @@ class EngineOOM(RuntimeError):
 OnOutput = Callable[[int, GenerationOutput], None]
 """Called as each request finishes, with its index in the request list (progress, heartbeats)."""
 
+Refill = Callable[[Callable[[GenerationRequest], bool]], Sequence[GenerationRequest]]
+"""Asked by a generator that can take requests while it runs (`takes_refills`), whenever it has free slots and
+nothing waiting: more requests for the same call, given a test of which ones fit what the call holds. The new
+requests continue the call's indices (the first takes index len(requests), and so on)."""
+
 
 class Generator(Protocol):
     name: str

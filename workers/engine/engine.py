@@ -32,6 +32,7 @@ from ..generation import (
     GenerationOutput,
     GenerationRequest,
     OnOutput,
+    Refill,
     TokenLogprobs,
     request_error,
 )
@@ -139,6 +140,9 @@ class Engine:
             self.sizer.free()
         self.seen = None
 
+    takes_refills = True
+    """generate() accepts `refill`: requests that join a running call as its slots free (a worker's next shard)."""
+
     def generate(
         self,
         requests: Sequence[GenerationRequest],
@@ -146,14 +150,15 @@ class Engine:
         *,
         on_output: OnOutput | None = None,
         should_stop: Callable[[], bool] | None = None,
+        refill: Refill | None = None,
     ) -> list[GenerationOutput]:
-        outputs: list[GenerationOutput | None] = [None] * len(requests)
-        for event in self.events(requests, params, should_stop=should_stop):
+        outputs: dict[int, GenerationOutput] = {}
+        for event in self.events(requests, params, should_stop=should_stop, refill=refill):
             if isinstance(event, Finished):
                 outputs[event.index] = event.output
                 if on_output:
                     on_output(event.index, event.output)
-        return outputs  # type: ignore[return-value]
+        return [outputs[index] for index in range(len(outputs))]
 
     def events(
         self,
@@ -161,6 +166,7 @@ class Engine:
         params: SamplingParams,
         *,
         should_stop: Callable[[], bool] | None = None,
+        refill: Refill | None = None,
     ) -> Iterator[Event]:
         """Tokens as they are produced and outputs as requests finish (any order; outputs name their index)."""
         if any(r.params_or(params).num_beams > 1 for r in requests) or not self.runner.supported:
@@ -168,7 +174,7 @@ class Engine:
             return
         self.last_path = PATH_ENGINE
         try:
-            yield from self._continuous_batches(requests, params, should_stop)
+            yield from self._continuous_batches(list(requests), params, should_stop, refill)
         except torch.OutOfMemoryError as exc:
             raise EngineOOM(f"out of device memory at batch size {self.batch_size}: {exc}") from exc
         except RuntimeError as exc:
@@ -179,7 +185,8 @@ class Engine:
     # ----------------------------------------------------------------- the loop
 
     def _continuous_batches(
-        self, requests: Sequence[GenerationRequest], params: SamplingParams, should_stop: Callable[[], bool] | None
+        self, requests: list[GenerationRequest], params: SamplingParams, should_stop: Callable[[], bool] | None,
+        refill: Refill | None = None,
     ) -> Iterator[Event]:
         waiting = []
         for index, request in enumerate(requests):
@@ -198,8 +205,13 @@ class Engine:
         scheduler = Scheduler(requests, waiting, params, capacity, budget, self.cache, self.seen, self.tokenizer,
                               self.device, grammars, self.prefixes)
         bitmask = grammars.bitmask(capacity) if grammars is not None else None
+        fits = lambda request: self._fits(request, params, capacity, grammars)  # noqa: E731
         with torch.inference_mode():
-            while scheduler.busy:
+            while True:
+                if refill is not None and not scheduler.waiting and len(scheduler.slots) < capacity:
+                    yield from self._join(scheduler, requests, refill(fits), params)
+                if not scheduler.busy:
+                    break
                 if should_stop is not None and should_stop():
                     raise GenerationCancelled(f"stopped with {scheduler.unfinished} requests unfinished")
                 scheduler.admit()
@@ -212,6 +224,31 @@ class Engine:
                     row_logits = logits[len(decoding) + offset : len(decoding) + offset + 1]
                     yield from self._choose(samples, row_logits.expand(len(samples), -1), bitmask)
                 yield from scheduler.retire()
+
+    def _join(self, scheduler: Scheduler, requests: list[GenerationRequest], joining: Sequence[GenerationRequest],
+              params: SamplingParams) -> Iterator[Event]:
+        """Requests that join the running call: they wait for slots like the call's own."""
+        for request in joining:
+            index = len(requests)
+            requests.append(request)
+            error = self._request_error(request, request.params_or(params))
+            if error is not None:
+                yield Finished(index, GenerationOutput.failed(error, len(request.prompt_ids)))
+            else:
+                scheduler.add(index)
+
+    def _fits(self, request: GenerationRequest, params: SamplingParams, capacity: int,
+              grammars: Grammars | None) -> bool:
+        """Whether a request can join the running call: its samples, length and sampling state fit what the call
+        allocated (anything else waits for the next call)."""
+        own = request.params_or(params)
+        cache = self.cache
+        return (
+            own.num_beams == 1 and own.n <= capacity
+            and cache is not None and len(request.prompt_ids) + self._budget(request, own) <= cache.capacity
+            and (own.repetition_penalty == 1.0 or self.seen is not None)
+            and (own.constraint is None or grammars is not None)
+        )
 
     def _request_error(self, request: GenerationRequest, params: SamplingParams) -> str | None:
         error = request_error(len(request.prompt_ids), params, self.loaded.context_length)

@@ -125,6 +125,11 @@ class Scheduler:
     def unfinished(self) -> int:
         return len(self.waiting) + len(self.pending)
 
+    def add(self, index: int) -> None:
+        """A request that joined the running call (its index into the call's request list) waits for a slot."""
+        self._sight([index])
+        self.waiting.append(index)
+
     def admit(self) -> None:
         """Give waiting requests one row per sample while they fit; the first sample's row receives the prefill."""
         while self.waiting:
