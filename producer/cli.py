@@ -11,7 +11,7 @@ import click
 
 from shardgen.schemas.errors import BrokerError, ShardgenError
 from shardgen.schemas.model import DTYPES, PINNED_ENGINES, QUANTIZE_METHODS, pinned_engine
-from shardgen.schemas.runtime import DEFAULT_GRACE_SECONDS, DEFAULT_STALL_SECONDS
+from shardgen.schemas.runtime import DEFAULT_GRACE_SECONDS, DEFAULT_SHARDS_IN_FLIGHT, DEFAULT_STALL_SECONDS
 
 from shardgen.workers import BROKER_ENV, DEFAULT_BROKER_URL
 
@@ -432,6 +432,10 @@ def cancel(run_id: str, broker: str | None) -> None:
 @click.option("--stall-seconds", type=click.FloatRange(min=0),
               help="Give up a shard that makes no progress (no token, no row) for this long [default: "
               f"{DEFAULT_STALL_SECONDS:g}; env SHARDGEN_STALL_SECONDS].")
+@click.option("--shards-in-flight", type=click.IntRange(1, 8),
+              help="Shards a worker holds at once: the next joins the engine's batch while the current one drains, so "
+              "the batch stays full at shard ends; each keeps its own lease and result (1: one at a time) "
+              f"[default: {DEFAULT_SHARDS_IN_FLIGHT}; env SHARDGEN_SHARDS_IN_FLIGHT].")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), help="Serve Prometheus metrics on this port (/metrics); "
               "with --devices, the workers use PORT, PORT+1, ...")
 @click.option("--metrics-host", help="Address the metrics server binds [default: 0.0.0.0, every interface].")

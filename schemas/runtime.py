@@ -25,6 +25,8 @@ DEFAULT_GRACE_SECONDS = 25.0
 """After SIGTERM, how long a worker lets its running shard go on before it gives it back to its queue."""
 DEFAULT_STALL_SECONDS = 300.0
 """How long a running shard may go without a new token or finished row before its worker gives it up."""
+DEFAULT_SHARDS_IN_FLIGHT = 2
+"""Shards a worker runs at once: the next joins the engine's batch while the current one drains."""
 
 ENVIRONMENT = {
     "device": "SHARDGEN_DEVICE",
@@ -35,6 +37,7 @@ ENVIRONMENT = {
     "hf_token": "HF_TOKEN",
     "grace_seconds": "SHARDGEN_GRACE_SECONDS",
     "stall_seconds": "SHARDGEN_STALL_SECONDS",
+    "shards_in_flight": "SHARDGEN_SHARDS_IN_FLIGHT",
 }
 """The environment variable of each option (read when neither a flag nor the TOML file gives it)."""
 
@@ -55,6 +58,8 @@ class RuntimeOptions:
     """Token for private hub models; never printed."""
     grace_seconds: float = DEFAULT_GRACE_SECONDS
     stall_seconds: float = DEFAULT_STALL_SECONDS
+    shards_in_flight: int = DEFAULT_SHARDS_IN_FLIGHT
+    """Shards a worker holds at once (1: one at a time); more only where the engine takes requests mid-call."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not self.device.strip():
@@ -74,6 +79,7 @@ class RuntimeOptions:
         object.__setattr__(self, "compile", _boolean("compile", self.compile))
         for name in ("grace_seconds", "stall_seconds"):
             object.__setattr__(self, name, _seconds(name, getattr(self, name)))
+        object.__setattr__(self, "shards_in_flight", _shards_in_flight(self.shards_in_flight))
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> "RuntimeOptions":
@@ -136,3 +142,14 @@ def _seconds(name: str, value: Any) -> float:
     if isinstance(value, bool) or not math.isfinite(seconds) or seconds < 0:
         raise InvalidParameter(f"{name} must be a finite number of seconds >= 0, got {value!r}")
     return seconds
+
+
+def _shards_in_flight(value: Any) -> int:
+    try:
+        number = int(str(value).strip()) if not isinstance(value, bool) else None
+    except ValueError:
+        number = None
+    if number is None or not 1 <= number <= 8:
+        raise InvalidParameter(f"shards_in_flight must be a whole number from 1 to 8, got {value!r}",
+                               "pass --shards-in-flight 2 (the default) or 1 for one shard at a time")
+    return number

@@ -61,7 +61,7 @@ def world(tmp_path, tiny_model_dir, tiny_loaded, clock):
     wakeups = CountingWakeups()
     ctx = WorkerContext(
         loaded=tiny_loaded, generator=make_generator(tiny_loaded, 4), store=store, doorbell=Doorbell(store, wakeups),
-        queue=model.queue, device="cpu", worker_id="w1", lease_ms=500, shutdown=Shutdown(0.2),
+        queue=model.queue, device="cpu", worker_id="w1", lease_ms=500, shutdown=Shutdown(0.2), shards_in_flight=1,
     )
     return ctx, spec, layout
 
@@ -219,3 +219,41 @@ def test_a_run_for_other_weights_in_this_workers_queue_is_never_served(world, tm
     ctx.serves = spec.model
     ctx.store.clock.advance(60)
     assert handle_message(message(ctx), ctx) == "done"  # the same weights: served
+
+
+def test_shards_in_flight_join_the_running_batch_and_each_completes_on_its_own(world):
+    """With two shards in flight, one message runs the whole queue in one engine call: each shard is claimed while
+    the one before drains, keeps its own lease, and is completed and published as its own result, every row once."""
+    ctx, spec, layout = world
+    ctx.shards_in_flight = 2
+    completed = []
+    original = ctx.store.complete
+    ctx.store.complete = lambda claim, *a, **k: completed.append((claim.shard_index, ctx.store.record(spec.run_id).shards["running"])) or original(claim, *a, **k)
+    calls = []
+    engine_generate = ctx.generator.generate
+    ctx.generator.generate = lambda *a, **k: calls.append(1) or engine_generate(*a, **k)
+    assert handle_message(message(ctx), ctx) == "done"
+    record = ctx.store.record(spec.run_id)
+    assert record.state is RunState.DONE and record.shards["done"] == 3 and record.rows_done == 12
+    assert [index for index, _ in completed] == [0, 1, 2] and len(calls) == 1
+    assert max(running for _, running in completed) == 2  # the next shard was claimed before the last completed
+    for index in range(3):
+        rows = pq.read_table(layout.part(index)).column("row_index").to_pylist()
+        assert rows == list(range(4 * index, 4 * index + 4))
+
+
+def test_shards_in_flight_give_the_same_rows_as_one_at_a_time(world, clock):
+    ctx, spec, layout = world
+    column = spec.columns.output_column
+
+    def texts():
+        return [pq.read_table(layout.part(i)).column(column).to_pylist() for i in range(3)]
+
+    ctx.shards_in_flight = 2
+    assert handle_message(message(ctx), ctx) == "done"
+    in_flight = texts()
+    ctx.store = RunStore(client=fakeredis.FakeRedis(), clock=clock)  # the same run again, one shard at a time
+    ctx.store.create_run(spec, layout.work_dir, 12, 3)
+    ctx.shards_in_flight = 1
+    assert [handle_message(message(ctx), ctx) for _ in range(3)] == ["done"] * 3
+    assert texts() == in_flight and all(len(t) == 4 for t in in_flight)

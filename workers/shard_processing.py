@@ -56,6 +56,24 @@ def shardgen_version() -> str:
         return "0+unknown"
 
 
+@dataclass
+class PreparedShard:
+    """A shard's rows made ready to generate: the outputs of rows that failed before generation, the prompts,
+    and one request per row still to generate (`pending[k]` is the row position of `requests[k]`)."""
+
+    shard: Shard
+    outputs: list[GenerationOutput | None]
+    prompts: list[PromptTokens | None]
+    pending: list[int]
+    requests: list[GenerationRequest]
+    started: float
+
+    def fill(self, generated: Sequence[GenerationOutput]) -> None:
+        """The outputs of `requests`, in their order."""
+        for position, output in zip(self.pending, generated):
+            self.outputs[position] = output
+
+
 def process_shard(
     shard: Shard,
     spec: RunSpec,
@@ -68,6 +86,15 @@ def process_shard(
     on_row: OnRow | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> ShardOutcome:
+    prepared = prepare_shard(shard, spec, loaded, on_row)
+    generated, halvings = generate_halving_on_oom(generator, prepared.requests, spec, on_row, should_stop)
+    prepared.fill(generated)
+    return finish_shard(prepared, spec, loaded, generator, location, attempt=attempt, worker=worker,
+                        batch_halvings=halvings)
+
+
+def prepare_shard(shard: Shard, spec: RunSpec, loaded: LoadedModel, on_row: OnRow | None = None) -> PreparedShard:
+    """Tokenize each row and build its request; a row that cannot be prompted gets its error now (and on_row)."""
     started = time.perf_counter()
     rows = shard.rows
     outputs: list[GenerationOutput | None] = [None] * len(rows)
@@ -96,14 +123,25 @@ def process_shard(
     for position, output in enumerate(outputs):
         if output is not None and on_row:
             on_row(output)
-
     requests = [request_for(spec, rows[p].index, prompts[p].ids, own_params[p]) for p in pending]  # type: ignore[union-attr]
-    generated, halvings = generate_halving_on_oom(generator, requests, spec, on_row, should_stop)
-    check_not_every_row_raised(generated)
-    for position, output in zip(pending, generated):
-        outputs[position] = output
+    return PreparedShard(shard, outputs, prompts, pending, requests, started)
 
-    done = [o for o in outputs if o is not None]
+
+def finish_shard(
+    prepared: PreparedShard,
+    spec: RunSpec,
+    loaded: LoadedModel,
+    generator: Generator,
+    location: str,
+    *,
+    attempt: int = 1,
+    worker: str = "embedded",
+    batch_halvings: int = 0,
+) -> ShardOutcome:
+    """Write a shard whose every row has its output; a shard on which every row raised is the worker's fault."""
+    shard, rows = prepared.shard, prepared.shard.rows
+    check_not_every_row_raised([prepared.outputs[p] for p in prepared.pending])  # type: ignore[misc]
+    done = [o for o in prepared.outputs if o is not None]
     assert len(done) == len(rows)
     metadata = {
         "run_id": spec.run_id,
@@ -121,7 +159,7 @@ def process_shard(
         "device": loaded.device,
         "worker": worker,
     }
-    write_table(location, result_table(spec, rows, done, prompts, metadata, shard.input_types, loaded.tokenizer))
+    write_table(location, result_table(spec, rows, done, prepared.prompts, metadata, shard.input_types, loaded.tokenizer))
     return ShardOutcome(
         shard_index=shard.index,
         location=location,
@@ -129,8 +167,8 @@ def process_shard(
         rows_failed=sum(1 for o in done if o.row_error is not None),
         prompt_tokens=sum(o.prompt_tokens for o in done),
         generated_tokens=sum(o.generated_tokens for o in done),
-        seconds=time.perf_counter() - started,
-        batch_halvings=halvings,
+        seconds=time.perf_counter() - prepared.started,
+        batch_halvings=batch_halvings,
     )
 
 

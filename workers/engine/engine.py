@@ -56,6 +56,11 @@ DEFAULT_STEP_TOKENS = 512
 whatever its mix, so this mainly bounds how long decoding slots wait while prompts prefill."""
 
 
+JOIN_ROUNDING = 64
+"""A call that takes refills sizes its cache's length up to a multiple of this, so that a joining prompt a few
+tokens longer than the call's longest still fits."""
+
+
 class Engine:
     name = "engine"
 
@@ -200,7 +205,10 @@ class Engine:
         budget = lambda request: self._budget(request, request.params_or(params))  # noqa: E731
         longest = max(len(requests[i].prompt_ids) + budget(requests[i]) for i in waiting)
         own = [requests[i].params_or(params) for i in waiting]
-        capacity = self._prepare(sum(p.n for p in own), own, longest)
+        wanted = sum(p.n for p in own)
+        if refill is not None:  # room for the requests that will join: as many again, a little longer
+            wanted, longest = 2 * wanted, min(self.loaded.context_length, -(-longest // JOIN_ROUNDING) * JOIN_ROUNDING)
+        capacity = self._prepare(wanted, own, longest)
         grammars = self.grammars if any(p.constraint is not None for p in own) else None
         scheduler = Scheduler(requests, waiting, params, capacity, budget, self.cache, self.seen, self.tokenizer,
                               self.device, grammars, self.prefixes)

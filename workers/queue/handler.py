@@ -6,6 +6,7 @@ the Celery task only unpacks its argument and calls `handle_message`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -18,8 +19,8 @@ from shardgen.schemas.layout import RunLayout
 from shardgen.schemas.model import ModelSpec, identity_difference
 from shardgen.schemas.rows import shard_from_table
 from shardgen.schemas.run import RunSpec
-from shardgen.schemas.runtime import DEFAULT_GRACE_SECONDS
-from shardgen.schemas.shard import TakeShard
+from shardgen.schemas.runtime import DEFAULT_GRACE_SECONDS, DEFAULT_SHARDS_IN_FLIGHT
+from shardgen.schemas.shard import Shard, TakeShard
 from shardgen.schemas.states import Fault, Outcome
 
 from ..faults import describe, fault_of
@@ -33,6 +34,7 @@ from . import logs
 from .doorbell import Doorbell
 from .health import Health
 from .heartbeat import Heartbeat
+from .in_flight import run_in_flight
 
 log = logging.getLogger("shardgen.worker")
 
@@ -72,6 +74,8 @@ class WorkerContext:
     started_at: float = field(default_factory=time.time)
     health: Health = field(default_factory=Health)
     current: Claim | None = None
+    """The oldest shard this worker is running (status shows it)."""
+    shards_in_flight: int = DEFAULT_SHARDS_IN_FLIGHT
     _runs: dict[str, tuple[RunSpec, RunLayout]] = field(default_factory=dict)
 
     def run(self, run_id: str) -> tuple[RunSpec, RunLayout]:
@@ -122,14 +126,22 @@ def handle_message(payload: Any, ctx: WorkerContext) -> Outcome:
     if claim is None:
         return Outcome.IDLE
     ctx.doorbell.ring(ctx.queue)  # more shards may be waiting: wake a peer for each
-    ctx.current, logs.current_shard = claim, (claim.run_id, claim.shard_index)
     if ctx.metrics is not None:
         ctx.metrics.shard_started(claim)
     try:
-        attempt = run(claim, ctx)
-        outcome = record(claim, ctx, attempt)
+        if ctx.shards_in_flight > 1 and getattr(ctx.generator, "takes_refills", False):
+            return run_in_flight(claim, ctx, open_shard=lambda c: open_shard(c, ctx),
+                                 conclude=lambda c, attempt: conclude(c, ctx, attempt),
+                                 attempt_of=functools.partial(attempt_of, ctx))
+        return conclude(claim, ctx, run(claim, ctx))
     finally:
         ctx.current, logs.current_shard = None, None
+        ctx.health.heartbeat = None
+
+
+def conclude(claim: Claim, ctx: WorkerContext, attempt: Attempt) -> Outcome:
+    """Record an attempt, count it, and stop this worker when its attempts keep failing by its own fault."""
+    outcome = record(claim, ctx, attempt)
     if ctx.metrics is not None:
         ctx.metrics.shard_ended(claim, outcome, attempt.result if outcome is Outcome.DONE else None, attempt.occupancy)
     if ctx.health.attempt_ended(attempt.fault if attempt.error else None, attempt.error):
@@ -149,29 +161,54 @@ def _refusal(payload: Any, ctx: WorkerContext) -> str | None:
 
 def run(claim: Claim, ctx: WorkerContext) -> Attempt:
     """Generate one claimed shard into its own attempt object, under a heartbeat that renews its lease."""
-    heartbeat = Heartbeat(ctx.store, claim, lease_ms=ctx.lease_ms, shutdown_deadline=lambda: ctx.shutdown.deadline,
-                          stall_s=ctx.health.stall_s, on_stall=lambda: give_up_stalled(claim, ctx))
-    ctx.health.heartbeat = heartbeat
-    heartbeat.start()
+    opened = open_shard(claim, ctx)
+    if isinstance(opened, Attempt):
+        return opened
+    spec, location, shard, heartbeat = opened
     stats_before = _engine_stats(ctx)
     try:
-        spec, layout = ctx.run(claim.run_id)
-        refusal = other_weights(spec.model, ctx)
-        if refusal is not None:
-            return Attempt(error=refusal)
-        location = layout.attempt_part(claim.shard_index, new_attempt_token(claim.attempt))
-        shard = shard_from_table(spec, claim.shard_index, read_staged_shard(layout, claim.shard_index))
         result = process_shard(
             shard, spec, ctx.loaded, ctx.generator, location, attempt=claim.attempt, worker=ctx.worker_id,
             on_row=heartbeat.row_done, should_stop=heartbeat.should_stop,
         )
     except GenerationCancelled:
-        return Attempt(stopped=heartbeat.stop_reason or "cancelled")
+        return attempt_of(ctx, stopped=heartbeat.stop_reason or "cancelled")
     except Exception as exc:  # noqa: BLE001 - any failure of a shard is recorded and retried, never lost
-        return Attempt(error=describe(exc), fault=fault_of(exc))
+        return attempt_of(ctx, error=exc)
     finally:
         heartbeat.stop()
-        ctx.health.heartbeat = None
+    return attempt_of(ctx, result=result, stats_before=stats_before)
+
+
+def open_shard(claim: Claim, ctx: WorkerContext) -> tuple[RunSpec, str, Shard, Heartbeat] | Attempt:
+    """Start a claimed shard's heartbeat and read its rows: (spec, attempt location, shard, heartbeat), or the
+    Attempt that ends it at once (other weights, unreadable input)."""
+    heartbeat = Heartbeat(ctx.store, claim, lease_ms=ctx.lease_ms, shutdown_deadline=lambda: ctx.shutdown.deadline,
+                          stall_s=ctx.health.stall_s, on_stall=lambda: give_up_stalled(claim, ctx))
+    ctx.health.heartbeat = heartbeat
+    ctx.current = ctx.current or claim
+    logs.current_shard = (claim.run_id, claim.shard_index)
+    heartbeat.start()
+    try:
+        spec, layout = ctx.run(claim.run_id)
+        refusal = other_weights(spec.model, ctx)
+        if refusal is not None:
+            heartbeat.stop()
+            return Attempt(error=refusal)
+        location = layout.attempt_part(claim.shard_index, new_attempt_token(claim.attempt))
+        shard = shard_from_table(spec, claim.shard_index, read_staged_shard(layout, claim.shard_index))
+    except Exception as exc:  # noqa: BLE001
+        heartbeat.stop()
+        return attempt_of(ctx, error=exc)
+    return spec, location, shard, heartbeat
+
+
+def attempt_of(ctx: WorkerContext, *, result: ShardOutcome | None = None, stats_before: Any = None,
+               error: BaseException | None = None, stopped: str | None = None) -> Attempt:
+    if error is not None:
+        return Attempt(error=describe(error), fault=fault_of(error))
+    if stopped is not None:
+        return Attempt(stopped=stopped)
     stats = _engine_stats(ctx)
     occupancy = stats.since(stats_before).batch_occupancy if stats is not None and stats_before is not None else None
     return Attempt(result=result, occupancy=occupancy)

@@ -51,7 +51,7 @@ def start_worker(config: WorkerConfig) -> None:
     ctx = WorkerContext(
         loaded=loaded, generator=generator, store=store, doorbell=Doorbell.of(store, app), queue=spec.queue,
         device=device, worker_id=worker_id(device), shutdown=Shutdown(config.runtime.grace_seconds),
-        metrics_port=config.metrics_port, serves=spec,
+        metrics_port=config.metrics_port, serves=spec, shards_in_flight=config.runtime.shards_in_flight,
         # A worker that stops itself ends as SIGTERM ends it (Celery's warm shutdown), then exits EXIT_STOPPED.
         health=Health.for_worker(config.runtime.stall_seconds, lambda: os.kill(os.getpid(), signal.SIGTERM)),
     )
