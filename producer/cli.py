@@ -402,6 +402,43 @@ def cancel(run_id: str, broker: str | None) -> None:
     console.print(f"run {run_id} cancelled")
 
 
+@cli.command()
+@click.argument("run_ids", nargs=-1, metavar="[RUN_ID]...")
+@click.option("--older-than-days", type=click.FloatRange(min=0), default=7.0, show_default=True,
+              help="Without RUN_IDs: every run that finished longer ago than this.")
+@click.option("--staged-input", is_flag=True, help="Also delete each run's staged input (WORK_DIR/RUN_ID/input/); "
+              "its results and run.json stay, so `collect --work-dir` still works, `retry` no longer does.")
+@broker_option
+@storage_option
+@one_line_errors
+def gc(run_ids: tuple[str, ...], older_than_days: float, staged_input: bool, broker: str | None,
+       storage_options: str | None) -> None:
+    """Remove finished runs from Redis now (they expire by themselves after SHARDGEN_RUN_TTL_DAYS, 30 by default).
+
+    A run still queued or running is never removed.
+    """
+    from shardgen.schemas.layout import RunLayout
+    from shardgen.workers.storage import files
+
+    _use_storage_options(storage_options)
+    store = _store(broker)
+    if run_ids:
+        chosen = []
+        for run_id in run_ids:
+            record = store.record(run_id, details=False)
+            if not record.finished:
+                raise ShardgenError(f"run {run_id} is {record.state.value}", f"cancel it first: `shardgen cancel {run_id}`")
+            chosen.append((run_id, record.work_dir))
+    else:
+        chosen = store.finished_before(store.now() - older_than_days * 86400)
+    for run_id, work_dir in chosen:
+        if staged_input:
+            files.remove_tree(RunLayout(work_dir, run_id, 1).input_dir)
+        store.remove_run(run_id)
+    what = " and their staged input" if staged_input else ""
+    console.print(f"removed {len(chosen)} finished run(s){what}" + (f": {', '.join(r for r, _ in chosen)}" if chosen else ""))
+
+
 # ---------------------------------------------------------------- worker
 @cli.command()
 @click.option("--devices", help="One worker process per device on this node, supervised: all (every GPU), GPU ids such "
