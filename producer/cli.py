@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any, Callable
@@ -13,7 +14,7 @@ from shardgen.schemas.errors import BrokerError, ShardgenError
 from shardgen.schemas.model import DTYPES, PINNED_ENGINES, QUANTIZE_METHODS, pinned_engine
 from shardgen.schemas.runtime import DEFAULT_GRACE_SECONDS, DEFAULT_STALL_SECONDS
 
-from shardgen.workers import BROKER_ENV, DEFAULT_BROKER_URL
+from shardgen.workers import BROKER_ENV, DEFAULT_BROKER_URL, SENTINEL_MASTER_ENV
 
 from . import config as config_mod
 from .command_support import check_output_target, console, one_line_errors, out, print_json, quiet_libraries
@@ -33,9 +34,21 @@ def _options(*decorators: Callable) -> Callable:
 config_option = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False), help="TOML file with any of these options; flags override it."
 )
-broker_option = click.option(
-    "--broker", envvar=BROKER_ENV, show_envvar=True, help=f"Redis URL of the broker and run state [default: {DEFAULT_BROKER_URL}]."
-)
+def _sentinel_master(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:  # the environment carries it to every child process (workers, the supervisor's children)
+        os.environ[SENTINEL_MASTER_ENV] = value
+
+
+def broker_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    command = click.option(
+        "--sentinel-master", expose_value=False, callback=_sentinel_master, envvar=SENTINEL_MASTER_ENV,
+        show_envvar=True, help="With a sentinel:// broker: the name of the master its Sentinels watch.",
+    )(command)
+    return click.option(
+        "--broker", envvar=BROKER_ENV, show_envvar=True,
+        help=f"Redis URL of the broker and run state, or sentinel://host:port;sentinel://host:port for a Redis "
+        f"watched by Sentinels [default: {DEFAULT_BROKER_URL}].",
+    )(command)
 hf_token_option = click.option(
     "--hf-token", envvar="HF_TOKEN", show_envvar=True, help="Hugging Face token for private hub models (never printed)."
 )
