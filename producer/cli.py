@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any, Callable
@@ -13,7 +14,7 @@ from shardgen.schemas.errors import BrokerError, ShardgenError
 from shardgen.schemas.model import DTYPES, PINNED_ENGINES, QUANTIZE_METHODS, pinned_engine
 from shardgen.schemas.runtime import DEFAULT_GRACE_SECONDS, DEFAULT_SHARDS_IN_FLIGHT, DEFAULT_STALL_SECONDS
 
-from shardgen.workers import BROKER_ENV, DEFAULT_BROKER_URL
+from shardgen.workers import BROKER_ENV, DEFAULT_BROKER_URL, SENTINEL_MASTER_ENV
 
 from . import config as config_mod
 from .command_support import check_output_target, console, one_line_errors, out, print_json, quiet_libraries
@@ -33,9 +34,21 @@ def _options(*decorators: Callable) -> Callable:
 config_option = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False), help="TOML file with any of these options; flags override it."
 )
-broker_option = click.option(
-    "--broker", envvar=BROKER_ENV, show_envvar=True, help=f"Redis URL of the broker and run state [default: {DEFAULT_BROKER_URL}]."
-)
+def _sentinel_master(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:  # the environment carries it to every child process (workers, the supervisor's children)
+        os.environ[SENTINEL_MASTER_ENV] = value
+
+
+def broker_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    command = click.option(
+        "--sentinel-master", expose_value=False, callback=_sentinel_master, envvar=SENTINEL_MASTER_ENV,
+        show_envvar=True, help="With a sentinel:// broker: the name of the master its Sentinels watch.",
+    )(command)
+    return click.option(
+        "--broker", envvar=BROKER_ENV, show_envvar=True,
+        help=f"Redis URL of the broker and run state, or sentinel://host:port;sentinel://host:port for a Redis "
+        f"watched by Sentinels [default: {DEFAULT_BROKER_URL}].",
+    )(command)
 hf_token_option = click.option(
     "--hf-token", envvar="HF_TOKEN", show_envvar=True, help="Hugging Face token for private hub models (never printed)."
 )
@@ -415,6 +428,43 @@ def cancel(run_id: str, broker: str | None) -> None:
     if ended is not None:
         raise ShardgenError(f"run {run_id} has already ended ({ended.value})", "nothing to cancel")
     console.print(f"run {run_id} cancelled")
+
+
+@cli.command()
+@click.argument("run_ids", nargs=-1, metavar="[RUN_ID]...")
+@click.option("--older-than-days", type=click.FloatRange(min=0), default=7.0, show_default=True,
+              help="Without RUN_IDs: every run that finished longer ago than this.")
+@click.option("--staged-input", is_flag=True, help="Also delete each run's staged input (WORK_DIR/RUN_ID/input/); "
+              "its results and run.json stay, so `collect --work-dir` still works, `retry` no longer does.")
+@broker_option
+@storage_option
+@one_line_errors
+def gc(run_ids: tuple[str, ...], older_than_days: float, staged_input: bool, broker: str | None,
+       storage_options: str | None) -> None:
+    """Remove finished runs from Redis now (they expire by themselves after SHARDGEN_RUN_TTL_DAYS, 30 by default).
+
+    A run still queued or running is never removed.
+    """
+    from shardgen.schemas.layout import RunLayout
+    from shardgen.workers.storage import files
+
+    _use_storage_options(storage_options)
+    store = _store(broker)
+    if run_ids:
+        chosen = []
+        for run_id in run_ids:
+            record = store.record(run_id, details=False)
+            if not record.finished:
+                raise ShardgenError(f"run {run_id} is {record.state.value}", f"cancel it first: `shardgen cancel {run_id}`")
+            chosen.append((run_id, record.work_dir))
+    else:
+        chosen = store.finished_before(store.now() - older_than_days * 86400)
+    for run_id, work_dir in chosen:
+        if staged_input:
+            files.remove_tree(RunLayout(work_dir, run_id, 1).input_dir)
+        store.remove_run(run_id)
+    what = " and their staged input" if staged_input else ""
+    console.print(f"removed {len(chosen)} finished run(s){what}" + (f": {', '.join(r for r, _ in chosen)}" if chosen else ""))
 
 
 # ---------------------------------------------------------------- worker

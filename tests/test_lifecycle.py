@@ -372,3 +372,52 @@ def store_lease_s():
     from shardgen.workers.lifecycle.store import LEASE_MS
 
     return LEASE_MS / 1000
+
+
+# ---------------------------------------------------------------- large runs
+def test_cancel_and_retry_walk_a_run_in_bounded_steps(store, monkeypatch):
+    from shardgen.workers.lifecycle import store as store_module
+
+    monkeypatch.setattr(store_module, "STEP", 3)  # 10 shards: four steps each
+    calls = []
+    original = store._run
+    monkeypatch.setattr(store, "_run", lambda name, *args: calls.append(name) or original(name, *args))
+    run_id = new_run(store, shards=10)
+    done = store.claim_next(QUEUE, "w")
+    store.complete(done, "obj", **stats())
+    running = store.claim_next(QUEUE, "w")
+    assert store.cancel(run_id) is None and calls.count("cancel") == 4
+    assert counters(store, run_id) == (RunState.CANCELLED, {"done": 1, "running": 1, "cancelled": 8})
+    assert store.release(running, "cancelled") == "cancelled"
+    assert store.redo(run_id) == 9 and calls.count("redo") == 4
+    assert counters(store, run_id) == (RunState.RUNNING, {"done": 1, "queued": 9})
+    assert [store.claim_next(QUEUE, "w").shard_index for _ in range(9)] == list(range(1, 10))
+
+
+def test_a_finished_run_expires_retry_keeps_it_and_gc_removes_it(store, clock):
+    run_id = new_run(store, shards=1)
+    claim = store.claim_next(QUEUE, "w")
+    assert store.redis.ttl(store.run_key(run_id)) == -1  # a running run never expires
+    store.complete(claim, "obj", **{**stats(), "rows_failed": 1})
+    assert 0 < store.redis.ttl(store.run_key(run_id)) <= 30 * 86400
+    assert 0 < store.redis.ttl(store.shards_key(run_id)) <= 30 * 86400
+    assert store.redo(run_id, failed_rows=True) == 1 and store.redis.ttl(store.run_key(run_id)) == -1
+    store.complete(store.claim_next(QUEUE, "w"), "obj2", **stats())
+    assert store.finished_before(clock.now - 60) == []
+    clock.advance(120)
+    assert store.finished_before(clock.now - 60) == [(run_id, "/work")]
+    store.remove_run(run_id)
+    assert store.run_ids() == [] and not store.redis.exists(store.run_key(run_id), store.shards_key(run_id))
+    assert store.complete(claim, "late", **stats()) == "stale"  # a late attempt recreates nothing
+    assert not store.redis.exists(store.run_key(run_id))
+
+
+def test_status_lists_a_bounded_number_of_failed_shards_and_counts_them_all(store, monkeypatch):
+    from shardgen.workers.lifecycle import store as store_module
+
+    monkeypatch.setattr(store_module, "DETAILS_LIMIT", 2)
+    run_id = new_run(store, shards=5, max_retries=0)
+    for _ in range(5):
+        store.fail(store.claim_next(QUEUE, "w"), "boom")
+    record = store.record(run_id)
+    assert record.shards["failed"] == 5 and len(record.failed) == 2

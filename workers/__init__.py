@@ -22,6 +22,7 @@ _EXPORTS = {
     "resolve_model": ".models.loader",
     "BROKER_ENV": ".redis_conn",
     "DEFAULT_BROKER_URL": ".redis_conn",
+    "SENTINEL_MASTER_ENV": ".redis_conn",
     "make_generator": ".generators",
     "load_generator": ".generators",
     "WorkerConfig": ".queue.config",

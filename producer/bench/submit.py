@@ -60,13 +60,21 @@ def measure(rows: int, shard_size: int, scratch: Path, repeats: int) -> dict[str
     try:
         client = redis.Redis.from_url(url)
         before = client.info("memory")["used_memory"]
+        _start_slowlog(client)
         seconds, submitted = _cli("submit", str(data), "--work-dir", str(scratch / "work"), "--broker", url,
                                   "--shard-size", str(shard_size), "--model", "bench-model")
+        longest = {"submit": _longest_command(client)}
         run_id = submitted.stdout.strip().splitlines()[-1]
         growth = client.info("memory")["used_memory"] - before
         shards = -(-rows // shard_size)
         status_cli = [_cli("status", run_id, "--json", "--broker", url)[0] for _ in range(repeats)]
+        longest["status"] = _longest_command(client)
         status_call = _status_in_process(run_id, url, repeats * 4)
+        _start_slowlog(client)
+        cancel_s = _cli("cancel", run_id, "--broker", url)[0]
+        longest["cancel"] = _longest_command(client)
+        retry_s = _cli("retry", run_id, "--broker", url)[0]
+        longest["retry"] = _longest_command(client)
     finally:
         server.terminate()
         server.wait(30)
@@ -77,7 +85,31 @@ def measure(rows: int, shard_size: int, scratch: Path, repeats: int) -> dict[str
         "rows_per_s": rows / seconds, "redis_growth_mib": growth / 2**20, "redis_share": growth / dataset_bytes,
         "redis_bytes_per_row": growth / rows, "redis_bytes_per_shard": growth / shards,
         "status_cli_ms": statistics.median(status_cli) * 1000, "status_call_ms": status_call * 1000,
+        "cancel_s": cancel_s, "retry_s": retry_s, "longest_command": longest,
     }
+
+
+def _start_slowlog(client: Any) -> None:
+    """Log every command with its time from here on (SLOWLOG: how long Redis itself was held, not the round trip)."""
+    client.config_set("slowlog-log-slower-than", 0)
+    client.config_set("slowlog-max-len", 1_000_000)
+    client.slowlog_reset()
+
+
+def _longest_command(client: Any) -> dict[str, Any]:
+    """The longest command Redis ran since the last call (the bench's own SLOWLOG reads left out), then reset."""
+    entries = [e for e in client.slowlog_get(1_000_000) if not _command_name(e).startswith(("SLOWLOG", "CONFIG"))]
+    client.slowlog_reset()
+    if not entries:
+        return {"ms": 0.0, "command": "-", "commands": 0}
+    slowest = max(entries, key=lambda e: e["duration"])
+    return {"ms": slowest["duration"] / 1000, "command": _command_name(slowest)[:60], "commands": len(entries)}
+
+
+def _command_name(entry: dict[str, Any]) -> str:
+    command = entry.get("command", b"")
+    text = command.decode(errors="replace") if isinstance(command, bytes) else str(command)
+    return text.split(" ")[0].upper() + (" " + text.split(" ")[2][:12] if text.upper().startswith("EVALSHA") else "")
 
 
 def _status_in_process(run_id: str, url: str, repeats: int) -> float:
@@ -89,7 +121,7 @@ def _status_in_process(run_id: str, url: str, repeats: int) -> float:
     for _ in range(repeats):
         started = time.perf_counter()
         record = store.record(run_id)
-        json.dumps(run_status(record, time.time(), queue_depth=store.queue_depth(record.queue), workers=store.workers()))
+        json.dumps(run_status(record, store.now(), queue_depth=store.queue_depth(record.queue), workers=store.workers()))
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 
@@ -124,5 +156,15 @@ def bench_submit(rows: str, shard_size: int, repeats: int, as_json: bool) -> Non
          for r in results],
         no_wrap=("rows", "rows/s"),
     ))
+    out.print(rows_table(
+        "the longest single Redis command of each step (SLOWLOG: how long Redis was held by one command)",
+        ["rows", "shards", "submit ms", "status ms", "cancel ms", "retry ms", "cancel s", "retry s"],
+        [(f"{r['rows']:,}", f"{r['shards']:,}",
+          *(f"{r['longest_command'][step]['ms']:.2f} ({r['longest_command'][step]['command'].split(' ')[0]})"
+            for step in ("submit", "status", "cancel", "retry")),
+          f"{r['cancel_s']:.1f}", f"{r['retry_s']:.1f}") for r in results],
+        no_wrap=("rows", "shards"),
+    ))
     console.print("Redis %: Redis memory growth as a share of the dataset's bytes; status ms: the whole "
-                  "`status --json` command; read ms: its store read once started.")
+                  "`status --json` command; read ms: its store read once started; cancel s, retry s: the whole "
+                  "commands, in steps of a few thousand shards.")

@@ -49,6 +49,14 @@ STORAGE_PATIENCE_S = float(os.environ.get("SHARDGEN_STORAGE_PATIENCE_SECONDS", "
 REDIS_PATIENCE_S = float(os.environ.get("SHARDGEN_REDIS_PATIENCE_SECONDS", "600"))
 """How long a worker keeps sending an attempt's outcome (complete, fail, release) to a Redis that cannot be reached
 before it gives up; each of those scripts answers the same when the same call arrives twice."""
+RUN_TTL_S = float(os.environ.get("SHARDGEN_RUN_TTL_DAYS", "30")) * 86400
+"""How long a finished run's records stay in Redis (0: for ever); `shardgen gc` removes them sooner."""
+STEP = 100
+"""Shards one step of cancel or retry walks: one script of a few milliseconds, so workers' renewals never wait."""
+READ_CHUNK = 5000
+"""Shard records read per HMGET."""
+DETAILS_LIMIT = 100
+"""Failed shards a status lists (their count is exact)."""
 CLAIM_POPS = 100
 STOPPED_KEPT_S = 24 * 3600.0
 """How long `status` lists a worker that stopped itself."""
@@ -232,7 +240,7 @@ class RunStore:
             "rows_total": rows_total, "shards_total": shards_total, "max_retries": spec.max_retries,
             "rows_done": 0, "rows_failed": 0, "prompt_tokens": 0, "generated_tokens": 0,
             "retries": 0, "reassigned": 0, "halvings": 0, "worker_faults": 0, "storage_errors": 0, "reacquired": 0,
-            "created_at": now, **counters,
+            "created_at": now, "ttl_s": int(RUN_TTL_S), **counters,
         })
         pipe.zadd(f"{self.prefix}:runs", {spec.run_id: now})
         for start in range(0, shards_total, 2000):
@@ -277,7 +285,8 @@ class RunStore:
         )
         if details:
             record.running = self.shards(run_id, self._members(f"{self.run_key(run_id)}:running"))
-            record.failed = self.shards(run_id, self._members(f"{self.run_key(run_id)}:failed"))
+            failed = self.redis.srandmember(f"{self.run_key(run_id)}:failed", DETAILS_LIMIT)
+            record.failed = self.shards(run_id, [int(m) for m in failed])
         return record
 
     def shards(self, run_id: str, indices: Iterable[int] | None = None) -> list[ShardRecord]:
@@ -286,13 +295,39 @@ class RunStore:
             total = int(self.redis.hget(self.run_key(run_id), "shards_total") or 0)
             indices = range(total)
         indices = sorted(indices)
-        if not indices:
-            return []
-        raw = self.redis.hmget(self.shards_key(run_id), indices)
-        return [ShardRecord.from_json(i, text) for i, text in zip(indices, raw)]
+        records = []
+        for start in range(0, len(indices), READ_CHUNK):  # one HMGET of a million fields holds Redis for seconds
+            chunk = indices[start:start + READ_CHUNK]
+            raw = self.redis.hmget(self.shards_key(run_id), chunk)
+            records.extend(ShardRecord.from_json(i, text) for i, text in zip(chunk, raw))
+        return records
 
     def run_ids(self, limit: int = 20) -> list[str]:
-        return _strings(self.redis.zrevrange(f"{self.prefix}:runs", 0, limit - 1))
+        """The most recent runs still recorded (a finished run's records expire; its entry goes with them)."""
+        ids = _strings(self.redis.zrevrange(f"{self.prefix}:runs", 0, limit - 1))
+        pipe = self.redis.pipeline(transaction=False)
+        for run_id in ids:
+            pipe.exists(self.run_key(run_id))
+        present = pipe.execute() if ids else []
+        gone = [run_id for run_id, there in zip(ids, present) if not there]
+        if gone:
+            self.redis.zrem(f"{self.prefix}:runs", *gone)
+        return [run_id for run_id, there in zip(ids, present) if there]
+
+    def finished_before(self, cutoff: float) -> list[tuple[str, str]]:
+        """(run id, work dir) of every run that ended before `cutoff` (Redis time), oldest first."""
+        out = []
+        for run_id in _strings(self.redis.zrangebyscore(f"{self.prefix}:runs", "-inf", cutoff)):
+            state, finished, work_dir = self.redis.hmget(self.run_key(run_id), "state", "finished_at", "work_dir")
+            if state is not None and RunState(_string(state)).finished and finished and float(finished) < cutoff:
+                out.append((run_id, _string(work_dir)))
+        return out
+
+    def remove_run(self, run_id: str) -> None:
+        """Forget a run: its records go (UNLINK frees a large one off Redis's main thread) with its list entry."""
+        key = self.run_key(run_id)
+        self.redis.unlink(key, f"{key}:shards", f"{key}:running", f"{key}:failed")
+        self.redis.zrem(f"{self.prefix}:runs", run_id)
 
     def queue_depth(self, queue: str) -> dict[str, int]:
         """Shards waiting in a queue, and failed shards waiting out their backoff."""
@@ -363,18 +398,28 @@ class RunStore:
     def redo(self, run_id: str, missing_results: Iterable[int] = (), *, failed_rows: bool = False) -> int:
         """Queue again every shard without a result that is not running, and with `failed_rows` every done shard
         with failed rows (see scripts/redo.lua)."""
-        requeued = int(self._run("redo", check_run_id(run_id), "1" if failed_rows else "0",
-                                 *sorted(set(missing_results))))
-        if requeued < 0:
-            raise _not_found(run_id)
+        missing = sorted(set(missing_results))
+        requeued, start, was_cancelled = 0, 0, ""
+        while start >= 0:
+            step_missing = [i for i in missing if start <= i < start + STEP]
+            count, start, was_cancelled = self._run("redo", check_run_id(run_id), "1" if failed_rows else "0", start,
+                                                    STEP, was_cancelled, *step_missing)
+            if int(count) < 0:
+                raise _not_found(run_id)
+            requeued, start, was_cancelled = requeued + int(count), int(start), _string(was_cancelled)
         return requeued
 
     def cancel(self, run_id: str) -> RunState | None:
         """Cancel the run; returns None, or the state it had already ended in (nothing changed then)."""
-        outcome = _string(self._run("cancel", check_run_id(run_id)))
+        outcome, start = self._run("cancel", check_run_id(run_id), 0, STEP)
+        outcome, start = _string(outcome), int(start)
         if outcome == "missing":
             raise _not_found(run_id)
-        return RunState(outcome.removeprefix("ended:")) if outcome.startswith("ended:") else None
+        if outcome.startswith("ended:"):
+            return RunState(outcome.removeprefix("ended:"))
+        while start >= 0:  # the run is cancelled already; the rest marks its queued shards, a step at a time
+            start = int(self._run("cancel", run_id, start, STEP)[1])
+        return None
 
     # ------------------------------------------------------------------ workers
     def heartbeat_worker(self, info: WorkerInfo) -> None:

@@ -46,8 +46,12 @@ def make_app(broker: str) -> Celery:
     """A Celery app for one broker URL (TLS settings taken from a rediss:// URL's query); one per process."""
     from ..redis_conn import tls_options
 
+    from ..redis_conn import is_sentinel, sentinel_master
+
     app = Celery("shardgen", set_as_current=False)
     app.conf.update(SETTINGS)
+    if is_sentinel(broker):  # kombu reads the same sentinel://...;sentinel://... URL, and the master's name here
+        app.conf.broker_transport_options = {**SETTINGS["broker_transport_options"], "master_name": sentinel_master()}
     tls = tls_options(broker)
     if tls is not None:
         app.conf.broker_use_ssl = tls

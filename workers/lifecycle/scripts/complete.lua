@@ -4,6 +4,7 @@
 -- completion arrives twice: redis-py sends a script again after a lost reply), or 'duplicate' when another
 -- attempt's result was recorded first.
 local run, index = ARGV[3], ARGV[4]
+if redis.call('EXISTS', run_key(run)) == 0 then return 'stale' end  -- the run expired or was removed (gc)
 local shard = load_shard(run, index)
 if shard.state == 'done' then
   if shard.result == ARGV[7] and shard.result_attempt == tonumber(ARGV[6]) then return 'done' end

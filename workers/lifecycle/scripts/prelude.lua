@@ -52,6 +52,23 @@ local function enqueue(run, index, shard, front)
   if front then redis.call('LPUSH', queue, entry) else redis.call('RPUSH', queue, entry) end
 end
 
+-- A finished run's keys expire after the run's ttl_s (0: never); retry makes them last again (keep_run).
+local function run_keys(run)
+  local key = run_key(run)
+  return {key, shards_key(run), key .. ':running', key .. ':failed'}
+end
+
+local function expire_finished(run)
+  local ttl = tonumber(redis.call('HGET', run_key(run), 'ttl_s') or 0)
+  if ttl > 0 then
+    for _, key in ipairs(run_keys(run)) do redis.call('EXPIRE', key, ttl) end
+  end
+end
+
+local function keep_run(run)
+  for _, key in ipairs(run_keys(run)) do redis.call('PERSIST', key) end
+end
+
 -- A run ends when every shard is done (done) or ended with at least one failed for good (failed).
 local function end_run_if_finished(run)
   local key = run_key(run)
@@ -61,7 +78,9 @@ local function end_run_if_finished(run)
   local failed = tonumber(redis.call('HGET', key, 'shards_failed'))
   if done == total then
     redis.call('HSET', key, 'state', 'done', 'finished_at', now)
+    expire_finished(run)
   elseif done + failed == total then
     redis.call('HSET', key, 'state', 'failed', 'finished_at', now)
+    expire_finished(run)
   end
 end
