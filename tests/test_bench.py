@@ -89,3 +89,17 @@ def test_peak_memory_is_the_process_peak_during_the_block_not_before():
         assert 190 <= grown < 260, grown
         assert (idle.peak_bytes - idle.start_bytes) / 2**20 < 20
     """)
+
+
+def test_bench_structured_workload_beside_free_text_in_one_run(tiny_model_dir):
+    args = ["--model", str(tiny_model_dir), "--device", "cpu", "--prompts", "4", "--batch-size", "4",
+            "--workload", "ragged,structured", "--max-new-tokens", "48", "--json"]
+    result = CliRunner().invoke(bench, args)
+    assert result.exit_code == 0, result.output
+    rows = {(r["workload"], r["generator"]): r for r in json.loads(result.stdout)["results"]}
+    assert set(rows) == {(w, g) for w in ("ragged", "structured") for g in ("engine", "hf-generate")}
+    for generator in ("engine", "hf-generate"):
+        structured, free = rows[("structured", generator)], rows[("ragged", generator)]
+        assert structured["ratio_vs_free_text"] == structured["tokens_per_s"] / free["tokens_per_s"]
+        assert 0 <= structured["valid_outputs"] <= 4 and "x ragged's tokens/s" in structured["note"]
+    assert CliRunner().invoke(bench, ["--model", str(tiny_model_dir), "--workload", "ragged,jsonish"]).exit_code != 0

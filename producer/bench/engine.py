@@ -1,8 +1,10 @@
 """`shardgen bench engine` (plain `shardgen bench`): the engine against transformers' generate on the same prompts,
 in one process.
 
-Two workloads: "ragged" (chat prompts of varied length, sampled answers that end at EOS) and "equal" (prompts of
-one length, a fixed output length with EOS ignored). Per generator and workload it reports useful tokens/s
+Three workloads: "ragged" (chat prompts of varied length, sampled answers that end at EOS), "equal" (prompts of
+one length, a fixed output length with EOS ignored) and "structured" (the ragged prompts and sampling, each answer
+constrained to a JSON schema: enum, number, nested object; its note gives its tokens/s as a share of ragged's,
+same generator and batch, measured in the same run). Per generator and workload it reports useful tokens/s
 (generated tokens up to and including EOS), time to first token, padding waste (token positions computed that
 were not prompt or useful output), the process's peak resident memory (RSS) during the run, and the ratio to HF
 generate.
@@ -36,7 +38,20 @@ from .prompts import equal_prompts, ragged_prompts
 GENERATORS = ("engine", "hf-generate", "hf-continuous", "hf-generate-no-cache")
 GENERATOR_ALIASES = {"shardgen": "engine"}
 """`--generators` takes the names `--engine` takes: shardgen's engine is `engine` or `shardgen`."""
-WORKLOADS = ("ragged", "equal")
+WORKLOADS = ("ragged", "equal", "structured")
+WORKLOAD_GROUPS = {"both": ("ragged", "equal"), "all": WORKLOADS}
+STRUCTURED_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "answer": {"type": "string", "maxLength": 200},
+        "kind": {"enum": ["fact", "opinion", "instruction", "other"]},
+        "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+        "meta": {"type": "object", "properties": {"language": {"type": "string", "maxLength": 20},
+                                                   "safe": {"type": "boolean"}}, "required": ["language", "safe"]},
+    },
+    "required": ["answer", "kind", "confidence", "meta"],
+}
+"""The structured workload's schema: an enum, a number and a nested object around a free answer."""
 BASELINE = "hf-generate"
 
 @dataclass
@@ -69,6 +84,10 @@ class Result:
     memory_vs_model_and_cache: float | None = None
     """Engine: (peak RSS - runtime without the weights) / (model footprint + KV cache); see MemoryReport."""
     ratio_vs_hf: float | None = None
+    ratio_vs_free_text: float | None = None
+    """Structured workload: its tokens/s over the ragged workload's (same prompts, sampling, generator, batch)."""
+    valid_outputs: int | None = None
+    """Structured workload: outputs whose text was a whole instance of the schema."""
     path: str | None = None
     note: str | None = None
 
@@ -82,6 +101,7 @@ class Measured:
     batch_size: int | None = None
     batch_occupancy: float | None = None
     kv_cache_bytes: int | None = None
+    valid_outputs: int | None = None
 
 
 @dataclass
@@ -108,7 +128,25 @@ def build_workloads(tokenizer: Any, names: Sequence[str], count: int, max_new_to
     if "equal" in names:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.9, seed=seed, ignore_eos=True)
         chosen.append(Workload("equal", equal_prompts(tokenizer, count, 64), params))
+    if "structured" in names:
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.9, seed=seed,
+                                json_schema=STRUCTURED_SCHEMA)
+        chosen.append(Workload("structured", ragged_prompts(tokenizer, count, seed), params))
     return chosen
+
+
+def parse_workloads(value: str) -> tuple[str, ...]:
+    """`ragged`, `both` (ragged, equal), `all`, or several comma-separated (e.g. `ragged,structured`)."""
+    names: list[str] = []
+    for part in (p.strip() for p in value.split(",") if p.strip()):
+        group = WORKLOAD_GROUPS.get(part, (part,))
+        if any(name not in WORKLOADS for name in group):
+            raise click.BadParameter(f"unknown workload {part!r}: use {', '.join(WORKLOADS)}, both or all",
+                                     param_hint="--workload")
+        names.extend(n for n in group if n not in names)
+    if not names:
+        raise click.BadParameter("name at least one workload", param_hint="--workload")
+    return tuple(names)
 
 
 MEMORY_SAMPLE_SECONDS = 0.1
@@ -174,7 +212,7 @@ def run_engine(engine: Any, workload: Workload) -> Measured:
 
     requests = [GenerationRequest(ids, seed=i) for i, ids in enumerate(workload.prompts)]
     first: dict[int, float] = {}
-    useful = 0
+    useful = valid = 0
     before = engine.stats.copy()
     started = time.perf_counter()
     for event in engine.events(requests, workload.params):
@@ -182,9 +220,10 @@ def run_engine(engine: Any, workload: Workload) -> Measured:
             first.setdefault(event.index, event.time - started)
         elif isinstance(event, Finished):
             useful += event.output.generated_tokens
+            valid += event.output.row_error is None
     stats = engine.stats.since(before)
     return Measured(useful, list(first.values()), stats.computed_tokens, engine.last_path, stats.slots,
-                    stats.batch_occupancy, stats.cache_bytes)
+                    stats.batch_occupancy, stats.cache_bytes, valid)
 
 
 class FirstTokenStreamer:
@@ -223,11 +262,12 @@ def run_hf_generate(loaded: Any, batch_size: int, workload: Workload, use_cache:
     streamer = FirstTokenStreamer()
     hf = streamed_hf_generate(loaded, batch_size, streamer, use_cache)
     requests = [GenerationRequest(ids, seed=i) for i, ids in enumerate(workload.prompts)]
-    first, useful, computed = [], 0, 0
+    first, useful, computed, valid = [], 0, 0, 0
     started = time.perf_counter()
     for start in range(0, len(requests), batch_size):
         batch = requests[start : start + batch_size]
         outputs = hf.generate(batch, workload.params)
+        valid += sum(o.row_error is None for o in outputs)
         first += [streamer.time - started] * len(batch)
         lengths = [len(s.token_ids) for o in outputs for s in o.samples]
         useful += sum(lengths)
@@ -237,7 +277,8 @@ def run_hf_generate(loaded: Any, batch_size: int, workload: Workload, use_cache:
             computed += len(lengths) * (width + steps - 1)
         else:  # every step recomputes every row from its start
             computed += len(lengths) * sum(width + step for step in range(steps))
-    return Measured(useful, first, computed, "hf-generate" if use_cache else "hf-generate (no KV cache)", batch_size)
+    return Measured(useful, first, computed, "hf-generate" if use_cache else "hf-generate (no KV cache)", batch_size,
+                    valid_outputs=valid)
 
 
 def run_hf_continuous(model: Any, tokenizer: Any, workload: Workload) -> Measured:
@@ -284,6 +325,7 @@ def measure(label: str, workload: Workload, device: str, run: Callable[[], Measu
     prompt_tokens = sum(len(p) for p in workload.prompts)
     result.batch_size = measured.batch_size
     result.useful_tokens = measured.useful_tokens
+    result.valid_outputs = measured.valid_outputs
     result.seconds = seconds
     result.tokens_per_s = measured.useful_tokens / seconds
     if measured.first_token_s:
@@ -311,6 +353,12 @@ def add_ratios(results: list[Result]) -> None:
     for r in results:
         if r.tokens_per_s and r.workload in baseline:
             r.ratio_vs_hf = r.tokens_per_s / baseline[r.workload]
+    free = {(r.generator, r.batch_size): r.tokens_per_s for r in results if r.workload == "ragged" and r.tokens_per_s}
+    for r in results:
+        if r.workload == "structured" and r.tokens_per_s and free.get((r.generator, r.batch_size)):
+            r.ratio_vs_free_text = r.tokens_per_s / free[(r.generator, r.batch_size)]
+            r.note = (f"{r.useful_tokens} tokens in {r.seconds:.1f}s; {r.ratio_vs_free_text:.2f}x ragged's tokens/s, "
+                      f"{r.valid_outputs} of {r.prompts} outputs valid")
 
 
 def print_table(results: list[Result], memory: MemoryReport, header: str) -> None:
@@ -391,10 +439,12 @@ def parse_batch_sizes(value: str) -> list[int | str]:
               help="Prompts per workload.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
               help="Most new tokens per prompt (exactly this many in the equal workload).")
-@click.option("--workload", type=click.Choice(["ragged", "equal", "both"]), default="both", show_default=True,
+@click.option("--workload", default="both", show_default=True,
               help="ragged: chat prompts of about 35-550 tokens (mean about 120), temperature 0.7, top_p 0.9, "
               "stop at EOS; "
-              "equal: 64-token prompts, fixed output length (EOS ignored).")
+              "equal: 64-token prompts, fixed output length (EOS ignored); structured: the ragged prompts and "
+              "sampling, answers constrained to a JSON schema (reported beside ragged, as a share of its tokens/s). "
+              "both: ragged and equal; all: the three; or a comma-separated list, e.g. ragged,structured.")
 @click.option("--generators", default="engine,hf-generate", show_default=True,
               help=f"Comma-separated subset of {', '.join(GENERATORS)} (engine is also called shardgen; "
               "hf-continuous, transformers' generate_batch, is slow and memory-hungry on a CPU; "
@@ -437,7 +487,7 @@ def bench(model, quantize, device, batch_size, max_memory, step_tokens, prompt_c
         release_freed_memory()  # every reading below is of memory in use, not of what earlier work left in the heap
         memory.rss_before_load_mb = process_rss_bytes() / 2**20
         loaded = load_model(spec, device)
-        workloads = build_workloads(loaded.tokenizer, WORKLOADS if workload == "both" else (workload,), prompt_count,
+        workloads = build_workloads(loaded.tokenizer, parse_workloads(workload), prompt_count,
                                     max_new_tokens, seed)
         warm_up(loaded)
         release_freed_memory()
@@ -468,7 +518,7 @@ def bench(model, quantize, device, batch_size, max_memory, step_tokens, prompt_c
     if others:
         plain = load_model(spec, device)
         if not workloads:
-            workloads = build_workloads(plain.tokenizer, WORKLOADS if workload == "both" else (workload,),
+            workloads = build_workloads(plain.tokenizer, parse_workloads(workload),
                                         prompt_count, max_new_tokens, seed)
         warm_up(plain)
         runners: dict[str, Callable[[Workload], Measured]] = {
