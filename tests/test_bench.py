@@ -15,8 +15,8 @@ def test_bench_json_structure_and_ratios_against_hf(tiny_model_dir):
     report = json.loads(result.stdout)
     assert report["config"]["batch_size"] == "2" and report["config"]["hf_batch_size"] == 2
     rows = {(r["workload"], r["generator"], r["prefix_cache"]): r for r in report["results"]}
-    engine_rows = {(w, "engine", cached) for w in ("ragged", "equal", "prefix") for cached in (True, False)}
-    hf_rows = {(w, g, None) for w in ("ragged", "equal", "prefix") for g in ("hf-generate", "hf-generate-no-cache")}
+    engine_rows = {(w, "engine", cached) for w in ("ragged", "equal", "prefix", "structured") for cached in (True, False)}
+    hf_rows = {(w, g, None) for w in ("ragged", "equal", "prefix", "structured") for g in ("hf-generate", "hf-generate-no-cache")}
     assert set(rows) == engine_rows | hf_rows  # every workload by default, the engine with its prefix cache on and off
     for (workload, _, _), row in rows.items():
         baseline = rows[(workload, "hf-generate", None)]
@@ -107,3 +107,17 @@ def test_the_prefix_workload_shares_400_tokens_and_its_rows_are_short(tiny_loade
     shared = min(next((i for i, (a, b) in enumerate(zip(first, p)) if a != b), len(p)) for p in prompts[1:])
     assert 400 <= shared < 430
     assert all(len(p) - shared < 40 for p in prompts) and len({tuple(p) for p in prompts}) > 16
+
+
+def test_bench_structured_workload_beside_free_text_in_one_run(tiny_model_dir):
+    args = ["--model", str(tiny_model_dir), "--device", "cpu", "--prompts", "4", "--batch-size", "4",
+            "--workload", "ragged,structured", "--max-new-tokens", "48", "--json"]
+    result = CliRunner().invoke(bench, args)
+    assert result.exit_code == 0, result.output
+    rows = {(r["workload"], r["generator"]): r for r in json.loads(result.stdout)["results"]}
+    assert set(rows) == {(w, g) for w in ("ragged", "structured") for g in ("engine", "hf-generate")}
+    for generator in ("engine", "hf-generate"):
+        structured, free = rows[("structured", generator)], rows[("ragged", generator)]
+        assert structured["ratio_vs_free_text"] == structured["tokens_per_s"] / free["tokens_per_s"]
+        assert 0 <= structured["valid_outputs"] <= 4 and "x ragged's tokens/s" in structured["note"]
+    assert CliRunner().invoke(bench, ["--model", str(tiny_model_dir), "--workload", "ragged,jsonish"]).exit_code != 0

@@ -2,9 +2,11 @@
 in one process.
 
 Three workloads: "ragged" (chat prompts of varied length, sampled answers that end at EOS), "equal" (prompts of
-one length, a fixed output length with EOS ignored) and "prefix" (short chat rows behind one shared 400-token
-system prompt of instructions, sampled answers that end at EOS). The engine runs each with its prefix cache on
-and off (`--prefix-cache`). Per generator and workload it reports useful tokens/s
+one length, a fixed output length with EOS ignored), "prefix" (short chat rows behind one shared 400-token
+system prompt of instructions, sampled answers that end at EOS) and "structured" (the ragged prompts and
+sampling, each answer constrained to a JSON schema: enum, number, nested object; its note gives its tokens/s
+as a share of ragged's, same generator and batch, measured in the same run). The engine runs each with its
+prefix cache on and off (`--prefix-cache`). Per generator and workload it reports useful tokens/s
 (generated tokens up to and including EOS), time to first token, padding waste (token positions computed that
 were not prompt or useful output), the process's peak resident memory (RSS) during the run, and the ratio to HF
 generate.
@@ -39,8 +41,20 @@ from .prompts import PREFIX_TOKENS, equal_prompts, ragged_prompts, shared_prefix
 GENERATORS = ("engine", "hf-generate", "hf-continuous", "hf-generate-no-cache")
 GENERATOR_ALIASES = {"shardgen": "engine"}
 """`--generators` takes the names `--engine` takes: shardgen's engine is `engine` or `shardgen`."""
-WORKLOADS = ("ragged", "equal", "prefix")
-WORKLOAD_CHOICES = {"all": WORKLOADS, "both": ("ragged", "equal"), **{name: (name,) for name in WORKLOADS}}
+WORKLOADS = ("ragged", "equal", "prefix", "structured")
+WORKLOAD_GROUPS = {"both": ("ragged", "equal"), "all": WORKLOADS}
+STRUCTURED_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "answer": {"type": "string", "maxLength": 200},
+        "kind": {"enum": ["fact", "opinion", "instruction", "other"]},
+        "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+        "meta": {"type": "object", "properties": {"language": {"type": "string", "maxLength": 20},
+                                                   "safe": {"type": "boolean"}}, "required": ["language", "safe"]},
+    },
+    "required": ["answer", "kind", "confidence", "meta"],
+}
+"""The structured workload's schema: an enum, a number and a nested object around a free answer."""
 PREFIX_CACHE_CHOICES = {"on,off": (True, False), "on": (True,), "off": (False,), "off,on": (False, True)}
 BASELINE = "hf-generate"
 
@@ -80,6 +94,10 @@ class Result:
     """Engine: prompt tokens whose keys and values the prefix cache gave instead of a prefill."""
     ratio_vs_no_prefix_cache: float | None = None
     """Engine with the prefix cache on: tokens/s over the same run with it off."""
+    ratio_vs_free_text: float | None = None
+    """Structured workload: its tokens/s over the ragged workload's (same prompts, sampling, generator, batch)."""
+    valid_outputs: int | None = None
+    """Structured workload: outputs whose text was a whole instance of the schema."""
     path: str | None = None
     note: str | None = None
 
@@ -94,6 +112,7 @@ class Measured:
     batch_occupancy: float | None = None
     kv_cache_bytes: int | None = None
     reused_prefix_tokens: int | None = None
+    valid_outputs: int | None = None
 
 
 @dataclass
@@ -123,7 +142,25 @@ def build_workloads(tokenizer: Any, names: Sequence[str], count: int, max_new_to
     if "prefix" in names:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.9, seed=seed)
         chosen.append(Workload("prefix", shared_prefix_prompts(tokenizer, count, seed, PREFIX_TOKENS), params))
+    if "structured" in names:
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.9, seed=seed,
+                                json_schema=STRUCTURED_SCHEMA)
+        chosen.append(Workload("structured", ragged_prompts(tokenizer, count, seed), params))
     return chosen
+
+
+def parse_workloads(value: str) -> tuple[str, ...]:
+    """`ragged`, `both` (ragged, equal), `all`, or several comma-separated (e.g. `ragged,structured`)."""
+    names: list[str] = []
+    for part in (p.strip() for p in value.split(",") if p.strip()):
+        group = WORKLOAD_GROUPS.get(part, (part,))
+        if any(name not in WORKLOADS for name in group):
+            raise click.BadParameter(f"unknown workload {part!r}: use {', '.join(WORKLOADS)}, both or all",
+                                     param_hint="--workload")
+        names.extend(n for n in group if n not in names)
+    if not names:
+        raise click.BadParameter("name at least one workload", param_hint="--workload")
+    return tuple(names)
 
 
 MEMORY_SAMPLE_SECONDS = 0.1
@@ -189,7 +226,7 @@ def run_engine(engine: Any, workload: Workload) -> Measured:
 
     requests = [GenerationRequest(ids, seed=i) for i, ids in enumerate(workload.prompts)]
     first: dict[int, float] = {}
-    useful = 0
+    useful = valid = 0
     before = engine.stats.copy()
     started = time.perf_counter()
     for event in engine.events(requests, workload.params):
@@ -197,9 +234,10 @@ def run_engine(engine: Any, workload: Workload) -> Measured:
             first.setdefault(event.index, event.time - started)
         elif isinstance(event, Finished):
             useful += event.output.generated_tokens
+            valid += event.output.row_error is None
     stats = engine.stats.since(before)
     return Measured(useful, list(first.values()), stats.computed_tokens, engine.last_path, stats.slots,
-                    stats.batch_occupancy, stats.cache_bytes, stats.reused_prefix_tokens)
+                    stats.batch_occupancy, stats.cache_bytes, stats.reused_prefix_tokens, valid)
 
 
 class FirstTokenStreamer:
@@ -238,11 +276,12 @@ def run_hf_generate(loaded: Any, batch_size: int, workload: Workload, use_cache:
     streamer = FirstTokenStreamer()
     hf = streamed_hf_generate(loaded, batch_size, streamer, use_cache)
     requests = [GenerationRequest(ids, seed=i) for i, ids in enumerate(workload.prompts)]
-    first, useful, computed = [], 0, 0
+    first, useful, computed, valid = [], 0, 0, 0
     started = time.perf_counter()
     for start in range(0, len(requests), batch_size):
         batch = requests[start : start + batch_size]
         outputs = hf.generate(batch, workload.params)
+        valid += sum(o.row_error is None for o in outputs)
         first += [streamer.time - started] * len(batch)
         lengths = [len(s.token_ids) for o in outputs for s in o.samples]
         useful += sum(lengths)
@@ -252,7 +291,8 @@ def run_hf_generate(loaded: Any, batch_size: int, workload: Workload, use_cache:
             computed += len(lengths) * (width + steps - 1)
         else:  # every step recomputes every row from its start
             computed += len(lengths) * sum(width + step for step in range(steps))
-    return Measured(useful, first, computed, "hf-generate" if use_cache else "hf-generate (no KV cache)", batch_size)
+    return Measured(useful, first, computed, "hf-generate" if use_cache else "hf-generate (no KV cache)", batch_size,
+                    valid_outputs=valid)
 
 
 def run_hf_continuous(model: Any, tokenizer: Any, workload: Workload) -> Measured:
@@ -299,6 +339,7 @@ def measure(label: str, workload: Workload, device: str, run: Callable[[], Measu
     prompt_tokens = sum(len(p) for p in workload.prompts)
     result.batch_size = measured.batch_size
     result.useful_tokens = measured.useful_tokens
+    result.valid_outputs = measured.valid_outputs
     result.seconds = seconds
     result.tokens_per_s = measured.useful_tokens / seconds
     if measured.first_token_s:
@@ -332,6 +373,12 @@ def add_ratios(results: list[Result]) -> None:
             r.ratio_vs_hf = r.tokens_per_s / baseline[r.workload]
         if r.tokens_per_s and r.prefix_cache and (r.workload, r.batch_size) in uncached:
             r.ratio_vs_no_prefix_cache = r.tokens_per_s / uncached[(r.workload, r.batch_size)]
+    free = {(r.generator, r.batch_size): r.tokens_per_s for r in results if r.workload == "ragged" and r.tokens_per_s}
+    for r in results:
+        if r.workload == "structured" and r.tokens_per_s and free.get((r.generator, r.batch_size)):
+            r.ratio_vs_free_text = r.tokens_per_s / free[(r.generator, r.batch_size)]
+            r.note = (f"{r.useful_tokens} tokens in {r.seconds:.1f}s; {r.ratio_vs_free_text:.2f}x ragged's tokens/s, "
+                      f"{r.valid_outputs} of {r.prompts} outputs valid")
 
 
 def print_table(results: list[Result], memory: MemoryReport, header: str) -> None:
@@ -414,12 +461,13 @@ def parse_batch_sizes(value: str) -> list[int | str]:
               help="Prompts per workload.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
               help="Most new tokens per prompt (exactly this many in the equal workload).")
-@click.option("--workload", type=click.Choice(list(WORKLOAD_CHOICES)), default="all", show_default=True,
+@click.option("--workload", default="all", show_default=True,
               help="ragged: chat prompts of about 35-550 tokens (mean about 120), temperature 0.7, top_p 0.9, "
               "stop at EOS; "
               "equal: 64-token prompts, fixed output length (EOS ignored); "
-              f"prefix: short chat rows behind one shared system prompt of {PREFIX_TOKENS}+ tokens, sampled as "
-              "ragged; both: ragged and equal; all: the three.")
+              f"prefix: short chat rows behind one shared system prompt of {PREFIX_TOKENS}+ tokens, sampled as ragged; "
+              "structured: the ragged prompts and sampling, answers constrained to a JSON schema (reported beside ragged, as a share of its tokens/s). "
+              "both: ragged and equal; all: the four; or a comma-separated list, e.g. ragged,structured.")
 @click.option("--prefix-cache", "prefix_cache", type=click.Choice(list(PREFIX_CACHE_CHOICES)), default="on,off",
               show_default=True, help="Run the engine with its prefix cache on, off, or both (each workload and "
               "batch size twice; the JSON rows carry prefix_cache).")
@@ -465,7 +513,7 @@ def bench(model, quantize, device, batch_size, max_memory, step_tokens, prompt_c
         release_freed_memory()  # every reading below is of memory in use, not of what earlier work left in the heap
         memory.rss_before_load_mb = process_rss_bytes() / 2**20
         loaded = load_model(spec, device)
-        workloads = build_workloads(loaded.tokenizer, WORKLOAD_CHOICES[workload], prompt_count,
+        workloads = build_workloads(loaded.tokenizer, parse_workloads(workload), prompt_count,
                                     max_new_tokens, seed)
         warm_up(loaded)
         release_freed_memory()
@@ -499,7 +547,7 @@ def bench(model, quantize, device, batch_size, max_memory, step_tokens, prompt_c
     if others:
         plain = load_model(spec, device)
         if not workloads:
-            workloads = build_workloads(plain.tokenizer, WORKLOAD_CHOICES[workload],
+            workloads = build_workloads(plain.tokenizer, parse_workloads(workload),
                                         prompt_count, max_new_tokens, seed)
         warm_up(plain)
         runners: dict[str, Callable[[Workload], Measured]] = {
