@@ -1,4 +1,5 @@
 import json
+import pytest
 
 from click.testing import CliRunner
 
@@ -121,3 +122,23 @@ def test_bench_structured_workload_beside_free_text_in_one_run(tiny_model_dir):
         assert structured["ratio_vs_free_text"] == structured["tokens_per_s"] / free["tokens_per_s"]
         assert 0 <= structured["valid_outputs"] <= 4 and "x ragged's tokens/s" in structured["note"]
     assert CliRunner().invoke(bench, ["--model", str(tiny_model_dir), "--workload", "ragged,jsonish"]).exit_code != 0
+
+
+@pytest.mark.redis
+def test_bench_queue_reports_each_shard_size_and_shards_in_flight_with_occupancy(tiny_model_dir):
+    from shardgen.producer.bench.queue import bench_queue
+
+    args = ["--model", str(tiny_model_dir), "--rows", "12", "--shard-size", "3,6", "--shards-in-flight", "1,2",
+            "--batch-size", "4", "--max-new-tokens", "4", "--json"]
+    result = CliRunner().invoke(bench_queue, args)
+    assert result.exit_code == 0, result.output
+    rows = {(r["shard_size"], r["shards_in_flight"]): r for r in json.loads(result.stdout)}
+    assert set(rows) == {(size, flights) for size in (3, 6) for flights in (None, 1, 2)}
+    for (size, flights), row in rows.items():
+        assert row["rows"] == 12 and row["tokens"] > 0
+        embedded = rows[(size, None)]
+        assert row["ratio_to_embedded"] == pytest.approx(row["tokens_per_s"] / embedded["tokens_per_s"])
+        if flights is not None:
+            assert 0 < row["occupancy"] <= 1
+    # shards of 3 rows on a batch of 4: one shard at a time never fills the batch; two in flight do
+    assert rows[(3, 1)]["occupancy"] <= 0.75 < rows[(3, 2)]["occupancy"]

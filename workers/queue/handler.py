@@ -144,6 +144,8 @@ def conclude(claim: Claim, ctx: WorkerContext, attempt: Attempt) -> Outcome:
     outcome = record(claim, ctx, attempt)
     if ctx.metrics is not None:
         ctx.metrics.shard_ended(claim, outcome, attempt.result if outcome is Outcome.DONE else None, attempt.occupancy)
+        if (stats := getattr(ctx.generator, "stats", None)) is not None:
+            ctx.metrics.engine_totals(stats)
     if ctx.health.attempt_ended(attempt.fault if attempt.error else None, attempt.error):
         stop_worker(ctx, ctx.health.stopped)
     return outcome

@@ -27,7 +27,13 @@ class WorkerMetrics:
         self.batch_occupancy = Gauge("shardgen_batch_occupancy", "Share of the batch's slots that decoded, last shard", registry=r)
         self.shard_seconds = Histogram("shardgen_shard_seconds", "Seconds per completed shard", buckets=SHARD_SECONDS_BUCKETS, registry=r)
         self.model_load_seconds = Gauge("shardgen_model_load_seconds", "Seconds this worker took to load its model", registry=r)
-        self.busy = Gauge("shardgen_busy", "1 while this worker runs a shard", registry=r)
+        self.busy = Gauge("shardgen_busy", "Shards this worker is running (up to --shards-in-flight)", registry=r)
+        self.engine_slot_steps = Gauge("shardgen_engine_slot_steps", "Batch slots the engine has offered per decode "
+                                       "step, summed since start (over decoded tokens: its occupancy)", registry=r)
+        self.engine_decode_steps = Gauge("shardgen_engine_decode_steps", "Decode steps the engine has run since start",
+                                         registry=r)
+        self.engine_decode_tokens = Gauge("shardgen_engine_decode_tokens", "Tokens the engine has decoded since start",
+                                          registry=r)
         self.current = Gauge("shardgen_current_shard", "1 for the shard this worker is running", ["run_id", "shard"], registry=r)
         Info("shardgen_worker", "What this worker serves", registry=r).info(
             {"model": model, "device": device, "queue": queue, "worker": worker})
@@ -36,12 +42,18 @@ class WorkerMetrics:
         start_http_server(port, addr=address, registry=self.registry)
 
     def shard_started(self, claim: Claim) -> None:
-        self.busy.set(1)
+        self.busy.inc()
         self.current.labels(claim.run_id, str(claim.shard_index)).set(1)
+
+    def engine_totals(self, stats: Any) -> None:
+        """The engine's counters since the worker started (EngineStats), for occupancy across shards."""
+        self.engine_slot_steps.set(stats.slot_steps)
+        self.engine_decode_tokens.set(stats.decode_tokens)
+        self.engine_decode_steps.set(stats.decode_steps)
 
     def shard_ended(self, claim: Claim, outcome: Outcome, result: Any = None, occupancy: float | None = None) -> None:
         """`result` is the ShardOutcome of a completed shard; `occupancy` the engine's over it."""
-        self.busy.set(0)
+        self.busy.dec()
         self.current.remove(claim.run_id, str(claim.shard_index))
         self.shards.labels(outcome.value).inc()
         if result is None:
