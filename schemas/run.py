@@ -140,7 +140,9 @@ class RunSpec:
             "shard size": (self.shard_size, other.shard_size),
             "dataset selection": ((self.subset, self.split, self.revision, self.limit), (other.subset, other.split, other.revision, other.limit)),
             "prompt settings": ((self.chat_template, self.max_prompt_tokens), (other.chat_template, other.max_prompt_tokens)),
-            "input format": (self.input_format, other.input_format),
+            # "auto" is decided when the input is read: it matches whatever the recorded run decided
+            "input format": (self.input_format, self.input_format if "auto" in (self.input_format, other.input_format)
+                             else other.input_format),
         }
         for name, (mine, theirs) in checks.items():
             if mine != theirs:

@@ -141,7 +141,11 @@ def handle_message(payload: Any, ctx: WorkerContext) -> Outcome:
 
 def conclude(claim: Claim, ctx: WorkerContext, attempt: Attempt) -> Outcome:
     """Record an attempt, count it, and stop this worker when its attempts keep failing by its own fault."""
-    outcome = record(claim, ctx, attempt)
+    running, logs.current_shard = logs.current_shard, (claim.run_id, claim.shard_index)  # its lines name it
+    try:
+        outcome = record(claim, ctx, attempt)
+    finally:
+        logs.current_shard = running
     if ctx.metrics is not None:
         ctx.metrics.shard_ended(claim, outcome, attempt.result if outcome is Outcome.DONE else None, attempt.occupancy)
         if (stats := getattr(ctx.generator, "stats", None)) is not None:
