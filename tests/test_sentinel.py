@@ -14,6 +14,7 @@ import redis
 from tests.conftest import RedisServer, free_port, run_cli, run_status_now, wait_until, write_jsonl
 from tests.test_distributed import make_rows, wait_for_end
 from tests.test_faults import collect_exactly_once, submit
+from tests.test_fleet import HELD, hold_file
 
 MASTER = "shardgen"
 
@@ -65,15 +66,16 @@ def test_the_primary_killed_mid_run_fails_over_and_every_row_is_generated_once(t
         dead = free_port()  # a Sentinel that is down: the next one in the list answers
         url = f"sentinel://127.0.0.1:{dead}/0;sentinel://127.0.0.1:{sentinel.port}/0"
         model = str(tiny_model_dir)
+        hold = hold_file(tmp_path, monkeypatch)  # both workers hold a shard running while the primary dies
         run_id = submit(write_jsonl(tmp_path / "q.jsonl", make_rows(96)), tmp_path / "work", url, model,
                         "--shard-size", "8", "--max-new-tokens", "24")
-        workers = [start_worker(model, url), start_worker(model, url)]
-        before = wait_until(lambda: (s := run_status_now(run_id, url))["shards_done"] >= 3 and s, timeout=240,
-                            what="three shards done")
-        assert before["state"] == "running" and before["shards_done"] < 12
+        workers = [start_worker(model, url, "--engine", HELD) for _ in range(2)]
+        wait_until(lambda: run_status_now(run_id, url)["shards_running"] == 2, timeout=240,
+                   what="a shard running on each worker")
         primary.process.kill()  # the node is gone; its AOF with it
         primary.process.wait(10)
         wait_until(lambda: sentinel.master_port() == replica.port, timeout=60, what="the replica to be promoted")
+        hold.unlink()
         status = wait_for_end(run_id, url, timeout=300)
         assert status["state"] == "done" and status["rows_done"] == 96 and status["shards_failed"] == 0
         collect_exactly_once(run_id, url, tmp_path, 96)
