@@ -265,6 +265,7 @@ def run(show: int, score: bool, metrics: tuple[str, ...], row_metadata: bool, ov
     options = _collect_options(kwargs)
     if not options.get("output"):
         raise ShardgenError("no output file given", "pass -o results.parquet (or .jsonl)")
+    output_format = output_format or options.get("output_format")
     spec = config_mod.build_run_spec(options)
     output = str(options["output"])
     check_output_target(output, overwrite=overwrite, inputs=(spec.input,))

@@ -199,3 +199,14 @@ def test_choice_from_toml_and_regex_from_a_flag(tmp_path, tiny_model_dir, questi
 def test_a_bad_schema_flag_is_one_line(tmp_path, questions, value, fragment):
     result = run_cli("run", str(questions), "-o", str(tmp_path / "o.parquet"), "--json-schema", value)
     assert_one_clear_line(result, fragment)
+
+
+def test_the_python_api_takes_a_schema_and_gives_the_parsed_value(tiny_model_dir):
+    from shardgen.workers import LLM
+
+    llm = LLM(model=str(tiny_model_dir), device="cpu", max_new_tokens=64)
+    done = llm.chat([[{"role": "user", "content": "Is it?"}]], json_schema=SCHEMA)
+    jsonschema.validate(done[0].parsed, SCHEMA)
+    assert done[0].parsed == json.loads(done[0].text) and done[0].error is None
+    cut = llm.generate(["Is it?"], json_schema=SCHEMA, max_new_tokens=3)[0]
+    assert cut.parsed is None and "raise max_new_tokens" in cut.error and cut.finish_reason == "length"

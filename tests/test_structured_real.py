@@ -15,7 +15,9 @@ from shardgen.workers.generators.hf_generate import HFGenerate
 from shardgen.workers.prompts import tokenize_row
 from tests.conftest import run_cli
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.timeout(1800)]
+SLOW_MACHINE_S = 1500
+"""24 rows of about 50 tokens: under a minute on a quiet 2-core machine, many times that on a shared one."""
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "producer" / "examples"
 SCHEMA = json.loads((EXAMPLES / "answer_schema.json").read_text())
@@ -29,7 +31,7 @@ def test_every_answer_of_the_bundled_example_validates_on_the_engine(tmp_path):
     result = run_cli("run", str(EXAMPLES / "questions.jsonl"), "-o", str(output), "--prompt-column", "question",
                      "--system-prompt", "Answer as JSON.", "--ground-truth-column", "answer",
                      "--json-schema", str(EXAMPLES / "answer_schema.json"), "--max-new-tokens", MAX_NEW_TOKENS,
-                     "--batch-size", "24", "--seed", "1")
+                     "--batch-size", "24", "--seed", "1", timeout=SLOW_MACHINE_S)
     assert result.returncode == 0, result.stderr
     import pyarrow.parquet as pq
 
