@@ -107,6 +107,7 @@ def process_shard(
         "quantize": spec.model.quantize,
         "params": spec.params.to_json(),
         "generator": getattr(generator, "last_path", None) or generator.name,
+        "weights": getattr(generator, "weights", None) or str(spec.model.dtype),
         "version": shardgen_version(),
         "host": socket.gethostname(),
         "device": loaded.device,
