@@ -66,7 +66,10 @@ model_options = _options(
         help='Quantization fields as JSON, e.g. \'{"load_in_4bit": true, "bnb_4bit_use_double_quant": true}\' '
         'or \'{"bits": 4, "dataset": "calib.jsonl"}\' (or a [quantization_config] table in --config).',
     ),
-    click.option("--dtype", type=click.Choice(DTYPES), help="Weights dtype [default: auto: float32 on CPU, bfloat16 on CUDA]."),
+    click.option("--dtype", type=click.Choice(DTYPES),
+                 help="Weights dtype [default: auto: bfloat16 on CUDA; on a CPU float32, the engine's linear "
+                 "layers in bfloat16 where the CPU has BF16 instructions]. int8: the engine's linear layers in int8 "
+                 "on a CPU with VNNI. The choice is logged and recorded in each result file (weights)."),
     click.option("--model-revision", help="Hub revision (branch, tag or commit) of the model."),
     click.option("--trust-remote-code", is_flag=True, default=None, help="Allow the model's own Python code to run (off unless given)."),
 )

@@ -154,7 +154,7 @@ def _result_locations(layout: RunLayout, shards_total: int, recorded: Mapping[in
     return locations
 
 
-PROVENANCE_KEYS = ("generator", "quantize", "model_source", "version")
+PROVENANCE_KEYS = ("generator", "weights", "quantize", "model_source", "version")
 
 
 def _provenance(spec: RunSpec, locations: list[str]) -> dict[bytes, bytes]:

@@ -13,7 +13,9 @@ from .errors import InvalidParameter
 
 QUANTIZE_METHODS = ("none", "nf4", "fp4", "int8", "gptq", "awq")
 BNB_METHODS = ("nf4", "fp4", "int8")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+"""int8: the engine's linear weights in int8 on a CPU with VNNI (loaded as float32 for other generators)."""
 GPTQ_BITS = (2, 3, 4, 8)
 PINNED_ENGINES = ("shardgen", "vllm", "hf-generate")
 """Engines a run may ask for by name (`submit --engine`); a run that names none is served by any engine."""
@@ -57,7 +59,8 @@ class ModelSpec:
     quantization_config: Mapping[str, Any] = field(default_factory=dict)
     """Fields of BitsAndBytesConfig or GPTQ calibration fields; they refine `quantize` or imply it."""
     dtype: str = "auto"
-    """Weights dtype: auto picks float32 on CPU and bfloat16 on CUDA."""
+    """Weights dtype: auto picks bfloat16 on CUDA; on a CPU float32, with the engine's linear layers in bfloat16
+    where the CPU has BF16 instructions (workers/engine/weight_formats.py)."""
     revision: str | None = None
     trust_remote_code: bool = False
     engine: str | None = None
@@ -206,8 +209,8 @@ def _check_fields_fit_method(method: str, config: Mapping[str, Any]) -> None:
     if method == "int8" and config.get("load_in_4bit") or method in ("nf4", "fp4") and config.get("load_in_8bit"):
         raise InvalidParameter(f"quantization_config contradicts quantize={method}", "set only one of 4-bit and 8-bit")
     compute = config.get("bnb_4bit_compute_dtype")
-    if compute is not None and compute not in DTYPES[1:]:
-        raise InvalidParameter(f"bnb_4bit_compute_dtype must be one of {', '.join(DTYPES[1:])}, got {compute!r}")
+    if compute is not None and compute not in FLOAT_DTYPES:
+        raise InvalidParameter(f"bnb_4bit_compute_dtype must be one of {', '.join(FLOAT_DTYPES)}, got {compute!r}")
     if method == "gptq":
         _check_gptq_fields(config)
 

@@ -263,7 +263,8 @@ def test_real_model_greedy_matches_hf_generate_one_at_a_time(real_loaded):
 
     requests = requests_for(real_loaded.tokenizer, 16)
     params = SamplingParams(max_new_tokens=24)
-    engine = Engine(real_loaded, batch_size=8, step_tokens=64)  # prompts in chunks, beside decoding slots
+    # prompts in chunks, beside decoding slots; float32 weights, as the reference (auto may pick bfloat16)
+    engine = Engine(real_loaded, batch_size=8, step_tokens=64, weights="float32")
     assert engine.packing.replaced > 0, "the engine runs the packed weights and its own step here"
     plain = load_model(ModelSpec(), "cpu")  # the engine packed real_loaded's linears; the reference stays plain
     expected = HFGenerate(plain, 1).generate(requests, params)

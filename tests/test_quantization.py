@@ -356,13 +356,22 @@ def test_bench_quant_reports_memory_speed_and_perplexity_per_method(tiny128_dir,
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     rows = {r["method"]: r for r in report["results"]}
-    assert list(rows) == ["none", "int8", "awq", "gptq"]
+    assert list(rows) == ["none", "int8", "awq", "gptq", "engine float32", "engine bfloat16", "engine int8"]
     assert rows["awq"]["error"].startswith("AWQ runs only on CUDA")
-    for method in ("none", "int8", "gptq"):
+    for method in ("none", "int8", "gptq", "engine float32"):
         row = rows[method]
         assert row["error"] is None and row["tokens_per_s"] > 0 and 1 < row["perplexity"] < float("inf")
+        assert 0 <= row["greedy_agreement"] <= 1
+    assert rows["none"]["greedy_agreement"] == rows["engine float32"]["greedy_agreement"] == 1
     assert rows["int8"]["footprint_run_mb"] < rows["none"]["footprint_run_mb"]
     assert rows["gptq"]["footprint_load_mb"] < rows["none"]["footprint_load_mb"]
+    for weights in ("bfloat16", "int8"):  # measured where the CPU has the instructions, said so where it has not
+        row = rows[f"engine {weights}"]
+        if weights in report["cpu_formats"]:
+            assert row["error"] is None and 1 < row["perplexity"] < float("inf") and 0 <= row["greedy_agreement"] <= 1
+            assert row["footprint_run_mb"] < rows["engine float32"]["footprint_run_mb"]
+        else:
+            assert "without instructions of its own" in row["error"]
 
 
 # ---------------------------------------------------------------- bitsandbytes on the real model

@@ -154,6 +154,7 @@ def finish_shard(
         "model_identity": json.dumps(spec.model.identity, sort_keys=True),
         "params": spec.params.to_json(),
         "generator": getattr(generator, "last_path", None) or generator.name,
+        "weights": getattr(generator, "weights", None) or str(spec.model.dtype),
         "version": shardgen_version(),
         "host": socket.gethostname(),
         "device": loaded.device,

@@ -2,7 +2,14 @@
 
 Per method: load time, memory footprint right after loading and after a forward pass (compressed-tensors
 checkpoints unpack their weights on the first forward in transformers, so the second is what a run holds),
-greedy tokens/s on a fixed set of short chat prompts at one batch size, and perplexity on a fixed English text.
+greedy tokens/s on a fixed set of short chat prompts at one batch size, perplexity on a fixed English text, and
+greedy agreement: the share of the unquantized model's greedy tokens a method reproduces (per prompt, the tokens
+before the first that differs, over all tokens).
+
+The engine's own weight formats on a CPU (`--weights`: float32, bfloat16, int8; see
+workers/engine/weight_formats.py) get rows of their own, `engine float32` and so on: tokens/s through the engine,
+perplexity through the packed model, agreement with `engine float32`. A format the CPU has no instructions for
+is reported as such.
 """
 
 from __future__ import annotations
@@ -60,7 +67,10 @@ class MethodResult:
     footprint_run_mb: float | None = None
     tokens_per_s: float | None = None
     perplexity: float | None = None
+    greedy_agreement: float | None = None
+    """Share of the reference's greedy tokens reproduced before the first difference (none, or engine float32)."""
     error: str | None = None
+    tokens: list[list[int]] | None = None
 
 
 def measure(spec: ModelSpec, label: str, device: str, batch_size: int, max_new_tokens: int) -> MethodResult:
@@ -77,11 +87,79 @@ def measure(spec: ModelSpec, label: str, device: str, batch_size: int, max_new_t
         result.footprint_load_mb = loaded.footprint_bytes / 2**20
         result.perplexity = perplexity(loaded, PERPLEXITY_TEXT)
         result.footprint_run_mb = loaded.footprint_bytes / 2**20
-        result.tokens_per_s = greedy_tokens_per_second(loaded, PROMPTS, batch_size, max_new_tokens)
+        result.tokens_per_s, result.tokens = greedy_tokens_per_second(loaded, PROMPTS, batch_size, max_new_tokens)
     finally:
         del loaded
         gc.collect()
     return result
+
+
+ENGINE_FORMATS = ("float32", "bfloat16", "int8")
+
+
+def measure_engine_format(model: str, weights: str, device: str, batch_size: int, max_new_tokens: int) -> MethodResult:
+    """One engine weight format: the model loaded in float32, packed by the engine in `weights`."""
+    from shardgen.schemas.sampling import SamplingParams
+    from shardgen.workers import load_model
+    from shardgen.workers.engine import Engine
+    from shardgen.workers.generation import GenerationRequest
+
+    result = MethodResult(method=f"engine {weights}", model=model)
+    loaded = load_model(ModelSpec(model=model), device)
+    try:
+        engine = Engine(loaded, batch_size=batch_size, weights=weights, prefix_cache=False)
+        if engine.weights != weights:
+            result.error = f"this CPU runs {weights} without instructions of its own: the engine chose {engine.weights}"
+            return result
+        result.load_s = loaded.load_time_s
+        result.footprint_load_mb = result.footprint_run_mb = _module_bytes(loaded.model) / 2**20
+        result.perplexity = perplexity(loaded, PERPLEXITY_TEXT)
+        inputs = chat_inputs(loaded, PROMPTS)
+        requests = [GenerationRequest([t for t, m in zip(ids, mask) if m]) for ids, mask in
+                    zip(inputs["input_ids"].tolist(), inputs["attention_mask"].tolist())]
+        params = SamplingParams(max_new_tokens=max_new_tokens)
+        engine.generate(requests[:1], SamplingParams(max_new_tokens=2))  # oneDNN's first call for each shape
+        started = time.perf_counter()
+        outputs = engine.generate(requests, params)
+        result.tokens = [o.samples[0].token_ids for o in outputs]
+        result.tokens_per_s = sum(map(len, result.tokens)) / (time.perf_counter() - started)
+    finally:
+        del loaded
+        gc.collect()
+    return result
+
+
+def _module_bytes(model: Any) -> int:
+    """Parameters and buffers, each storage once (packed weights are buffers)."""
+    import torch
+
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        key = tensor.data_ptr() if tensor.layout == torch.strided else id(tensor)  # packed: opaque, no pointer
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def greedy_agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
+    """Share of the reference's tokens reproduced, per prompt up to the first token that differs."""
+    agreed = 0
+    for row, expected in zip(tokens, reference):
+        for got, want in zip(row, expected):
+            if got != want:
+                break
+            agreed += 1
+    return agreed / max(1, sum(map(len, reference)))
+
+
+def add_agreement(results: list[MethodResult]) -> None:
+    references = {"engine": next((r for r in results if r.method == "engine float32" and r.tokens), None),
+                  "hf": next((r for r in results if r.method == "none" and r.tokens), None)}
+    for r in results:
+        reference = references["engine" if r.method.startswith("engine ") else "hf"]
+        if r.tokens and reference is not None:
+            r.greedy_agreement = greedy_agreement(r.tokens, reference.tokens)
 
 
 def perplexity(loaded: Any, text: str) -> float:
@@ -122,30 +200,35 @@ def _until_eos(tokens: list[int], eos_ids: tuple[int, ...]) -> list[int]:
     return tokens
 
 
-def greedy_tokens_per_second(loaded: Any, prompts: tuple[str, ...], batch_size: int, max_new_tokens: int) -> float:
-    """Useful new tokens (up to and including EOS) per second over all prompts, `batch_size` at a time."""
+def greedy_tokens_per_second(loaded: Any, prompts: tuple[str, ...], batch_size: int,
+                             max_new_tokens: int) -> tuple[float, list[list[int]]]:
+    """Useful new tokens (up to and including EOS) per second over all prompts, `batch_size` at a time; the tokens."""
     started = time.perf_counter()
-    tokens = 0
+    tokens: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
-        tokens += sum(map(len, greedy_generate(loaded, prompts[start:start + batch_size], max_new_tokens)))
-    return tokens / (time.perf_counter() - started)
+        tokens += greedy_generate(loaded, prompts[start:start + batch_size], max_new_tokens)
+    return sum(map(len, tokens)) / (time.perf_counter() - started), tokens
 
 
 def render(results: list[MethodResult], device: str, batch_size: int, max_new_tokens: int) -> Table:
     baseline = next((r for r in results if r.method == "none" and r.error is None), None)
+    engine_baseline = next((r for r in results if r.method == "engine float32" and r.error is None), None)
     table = Table(title=f"quantization on {device}: {len(PROMPTS)} prompts, batch {batch_size}, "
                         f"{max_new_tokens} new tokens max, greedy")
-    for column in ("method", "load s", "memory MB (load)", "memory MB (run)", "vs none", "tokens/s", "perplexity",
-                   "ppl vs none"):
+    for column in ("method", "load s", "memory MB (load)", "memory MB (run)", "vs none", "tokens/s", "speed vs ref",
+                   "perplexity", "ppl vs ref", "greedy agreement"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for r in results:
         if r.error:
-            table.add_row(r.method, f"[red]{r.error}", *[""] * 6)
+            table.add_row(r.method, f"[red]{r.error}", *[""] * 9)
             continue
+        reference = engine_baseline if r.method.startswith("engine ") else baseline
         table.add_row(
             r.method, f"{r.load_s:.1f}", f"{r.footprint_load_mb:.0f}", f"{r.footprint_run_mb:.0f}",
             _ratio(r.footprint_run_mb, baseline and baseline.footprint_run_mb), f"{r.tokens_per_s:.1f}",
-            f"{r.perplexity:.2f}", _change(r.perplexity, baseline and baseline.perplexity),
+            _ratio(r.tokens_per_s, reference and reference.tokens_per_s),
+            f"{r.perplexity:.2f}", _change(r.perplexity, reference and reference.perplexity),
+            "-" if r.greedy_agreement is None else f"{r.greedy_agreement:.0%}",
         )
     return table
 
@@ -181,11 +264,15 @@ def method_specs(model: str, methods: list[str], gptq_model: str | None) -> list
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Prompts generated together.")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Most new tokens per prompt.")
+@click.option("--weights", default=",".join(ENGINE_FORMATS), show_default=True,
+              help="Engine weight formats to measure on a CPU (float32, bfloat16, int8; 'none' for none): rows "
+              "'engine FORMAT', compared with 'engine float32'. Quantization methods are compared with 'none'.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
 @one_line_errors
 def bench_quant(model: str, methods: str, gptq_model: str | None, device: str, batch_size: int, max_new_tokens: int,
-                as_json: bool) -> None:
-    """Memory, load time, tokens/s and perplexity of MODEL per quantization method, on the same prompts."""
+                weights: str, as_json: bool) -> None:
+    """Memory, load time, tokens/s, perplexity and greedy agreement of MODEL per quantization method and per engine
+    weight format, on the same prompts."""
     from shardgen.workers import check_device
 
     if batch_size < 1 or max_new_tokens < 1:
@@ -193,12 +280,28 @@ def bench_quant(model: str, methods: str, gptq_model: str | None, device: str, b
     specs = method_specs(model, [m.strip() for m in methods.split(",") if m.strip()], gptq_model)
     device = check_device(device)
     quiet_libraries()
+    formats = [w.strip() for w in weights.split(",") if w.strip() and w.strip() != "none"]
+    unknown = [w for w in formats if w not in ENGINE_FORMATS]
+    if unknown:
+        raise InvalidParameter(f"unknown weight format(s) {', '.join(unknown)}", f"use {', '.join(ENGINE_FORMATS)}")
     results = []
     for label, spec in specs:
         console.print(f"measuring {label} ...", highlight=False)
         results.append(measure(spec, label, device, batch_size, max_new_tokens))
+    if device == "cpu":
+        for weight_format in formats:
+            console.print(f"measuring engine {weight_format} ...", highlight=False)
+            results.append(measure_engine_format(model, weight_format, device, batch_size, max_new_tokens))
+    add_agreement(results)
     if as_json:
+        rows = [{k: v for k, v in asdict(r).items() if k != "tokens"} for r in results]
         click.echo(json.dumps({"device": device, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
-                                   "prompts": len(PROMPTS), "results": [asdict(r) for r in results]}))
+                               "prompts": len(PROMPTS), "cpu_formats": _native_formats(), "results": rows}))
     else:
         out.print(render(results, device, batch_size, max_new_tokens))
+
+
+def _native_formats() -> list[str]:
+    from shardgen.workers.engine.weight_formats import native_formats
+
+    return native_formats()

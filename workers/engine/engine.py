@@ -16,6 +16,7 @@ transformers' generate (generators/hf_generate); `last_path` names the path that
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable, Iterator, Sequence
 
@@ -42,10 +43,13 @@ from .cache_sizing import AUTO, DEFAULT_BATCH_SIZE, CacheSizer
 from .memory import parse_memory_size
 from .model_runner import ModelRunner
 from .packed_linear import pack_linears
+from .weight_formats import FORMATS, choose_format
 from .prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache
 from .sampling import next_tokens, token_logprobs
 from .scheduler import Event, Finished, NewToken, Scheduler, Slot
 from .stats import EngineStats
+
+log = logging.getLogger(__name__)
 
 PATH_ENGINE = "engine"
 PATH_BEAM_SEARCH = "hf-generate (beam search)"
@@ -74,12 +78,15 @@ class Engine:
         compile: bool = False,
         prefix_cache: bool = True,
         prefix_cache_memory: int | str = DEFAULT_PREFIX_CACHE_BYTES,
+        weights: str | None = None,
     ):
         """`batch_size` is a number of slots, or "auto": per call, as many as the KV cache at that call's longest
         sequence fits in `max_memory` (bytes or a size such as "8GiB"; by default what the process holds plus
         what the device has free). On the CPU the model's float32 linear layers are packed in place (see
         packed_linear): the engine owns the model from then on. With `prefix_cache`, prompt blocks that several
-        prompts share are prefilled once and kept across calls within `prefix_cache_memory` (prefix_cache.py)."""
+        prompts share are prefilled once and kept across calls within `prefix_cache_memory` (prefix_cache.py).
+        `weights` (auto, float32, bfloat16, int8; default: the model spec's dtype) is the format the linear layers
+        are packed in on the CPU (weight_formats.py); `self.weights` says which was chosen."""
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.device = torch.device(loaded.device)
@@ -91,7 +98,10 @@ class Engine:
         self.last_path = PATH_ENGINE
         if loaded.info.get("checkpoint_quantization") == "compressed-tensors":
             _materialize_weights(loaded)
-        self.packing = pack_linears(loaded.model) if not compile else None
+        self.weights, why = self._weight_format(weights or loaded.spec.dtype, compile)
+        log.info("engine weights: %s (%s)", self.weights, why)
+        packed = pack_linears(loaded.model, weights=self.weights) if not compile and self.weights in FORMATS else None
+        self.packing = packed
         """What packing replaced (None under compile: torch.compile cannot trace packed weights)."""
         self.runner = ModelRunner(loaded.model, self.device, compile=compile)
         self.compiled = compile
@@ -340,6 +350,14 @@ class Engine:
             stats.slot_steps += stats.slots
 
     # ----------------------------------------------------------------- setup
+
+    def _weight_format(self, requested: str, compile: bool) -> tuple[str, str]:
+        model = self.loaded.model
+        if self.loaded.spec.quantize != "none" or self.loaded.info.get("checkpoint_quantization"):
+            return self.loaded.spec.quantize if self.loaded.spec.quantize != "none" else "checkpoint", "quantized"
+        if compile or self.device.type != "cpu":
+            return str(next(model.parameters()).dtype).removeprefix("torch."), "not packed"
+        return choose_format(requested if requested in (AUTO, *FORMATS) else AUTO, model)
 
     def _prepare(self, wanted_slots: int, own: Sequence[SamplingParams], longest: int) -> int:
         """Size the KV cache (and the repetition-penalty state) for a call's requests; the slots to fill."""

@@ -16,6 +16,12 @@ same memory (about 30 MB of such buffers), and larger blocks were no faster whil
 (about 250 MB for blocks of 64, 1.1 GB for 128). Within a block each row's result does not
 depend on the other rows, except that oneDNN multiplies a single row with a kernel of its own: a lone row is
 therefore sent with a copy of itself, so that a token's numbers never depend on what shares its step.
+
+Weights come in three formats (weight_formats.py chooses): float32; bfloat16, packed the same way, inputs cast
+to bfloat16 and results back to float32 (the residual stream, norms, attention and KV cache stay float32), for
+CPUs with AVX-512 BF16 or AMX; int8, per output channel, multiplied by int8 inputs quantized per row
+(Int8Linear), for CPUs with VNNI. A row's int8 product is exact integer arithmetic over that row alone, so it
+too never depends on what shares its step.
 """
 
 from __future__ import annotations
@@ -28,16 +34,20 @@ DEFAULT_BLOCK_ROWS = 32
 
 
 class PackedLinear(torch.nn.Module):
-    """nn.Linear's computation over a oneDNN-packed float32 weight, `block_rows` input rows at a time."""
+    """nn.Linear's computation over a oneDNN-packed float32 or bfloat16 weight, `block_rows` input rows at a time."""
 
-    def __init__(self, linear: torch.nn.Linear, block_rows: int = DEFAULT_BLOCK_ROWS):
+    def __init__(self, linear: torch.nn.Linear, block_rows: int = DEFAULT_BLOCK_ROWS, dtype: torch.dtype | None = None):
         super().__init__()
         self.in_features, self.out_features, self.block_rows = linear.in_features, linear.out_features, block_rows
-        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), block_rows))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+        weight = linear.weight.detach()
+        self.dtype = dtype or weight.dtype
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight.to(self.dtype), block_rows))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(self.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., in] -> [..., out]
+        # x: [..., in] -> [..., out], in x's dtype
+        if x.dtype != self.dtype:
+            return self.forward(x.to(self.dtype)).to(x.dtype)
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] == 0:
             return x.new_empty(*x.shape[:-1], self.out_features)
@@ -58,12 +68,45 @@ class PackedLinear(torch.nn.Module):
         )
 
 
+class Int8Linear(torch.nn.Module):
+    """nn.Linear with int8 weights (a scale per output channel) times int8 inputs (a scale per row), int32 sums."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().float()  # [out, in]
+        scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12)  # [out]
+        quantized = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+        self.register_buffer("weight", quantized.t().contiguous())  # [in, out]
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in] -> [..., out]
+        rows = x.reshape(-1, self.in_features).float()
+        if rows.shape[0] == 0:
+            return x.new_empty(*x.shape[:-1], self.out_features)
+        row_scale = (rows.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)  # [M, 1]
+        quantized = (rows / row_scale).round().clamp(-127, 127).to(torch.int8)
+        if quantized.shape[0] == 1:  # a lone row alone takes another kernel: pair it, as PackedLinear does
+            product = torch._int_mm(quantized.expand(2, -1).contiguous(), self.weight)[:1]
+        else:
+            product = torch._int_mm(quantized, self.weight)  # [M, out] int32, exact
+        out = product.float() * row_scale * self.scale
+        if self.bias is not None:
+            out = out + self.bias
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
 def packing_available(model: torch.nn.Module) -> bool:
-    """Whether packing applies: a float32 model on the CPU, with oneDNN in this torch build."""
+    """Whether packing applies: a float32 or bfloat16 model on the CPU, with oneDNN in this torch build."""
     return (
         torch.backends.mkldnn.is_available()
         and next(model.parameters()).device.type == "cpu"
-        and next(model.parameters()).dtype == torch.float32
+        and next(model.parameters()).dtype in (torch.float32, torch.bfloat16)
     )
 
 
@@ -75,12 +118,17 @@ class Packing:
     """Memory added: packed copies of weights that another module (a tied embedding) still holds plainly."""
 
 
+FORMAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""Weight formats packed for oneDNN; "int8" is Int8Linear's."""
+
+
 @torch.no_grad()
-def pack_linears(model: torch.nn.Module, block_rows: int = DEFAULT_BLOCK_ROWS) -> Packing:
-    """Replace every plain float32 nn.Linear of `model` by a PackedLinear, in place.
+def pack_linears(model: torch.nn.Module, block_rows: int = DEFAULT_BLOCK_ROWS, weights: str | None = None) -> Packing:
+    """Replace every plain float32 or bfloat16 nn.Linear of `model` by a PackedLinear in the `weights` format
+    (float32, bfloat16, or int8 for an Int8Linear; default: the layer's own dtype), in place.
 
     Quantized linears (bitsandbytes and others subclass nn.Linear) are left alone, and so is a model that is
-    not a float32 one on the CPU. Calling it again replaces nothing more.
+    not a float32 or bfloat16 one on the CPU. Calling it again replaces nothing more.
     """
     if not packing_available(model):
         return Packing(0, 0)
@@ -93,10 +141,14 @@ def pack_linears(model: torch.nn.Module, block_rows: int = DEFAULT_BLOCK_ROWS) -
     replaced = added = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Linear and child.weight.dtype == torch.float32:
+            if type(child) is torch.nn.Linear and child.weight.dtype in (torch.float32, torch.bfloat16):
+                if weights == "int8":
+                    packed: torch.nn.Module = Int8Linear(child)
+                else:
+                    packed = PackedLinear(child, block_rows, FORMAT_DTYPES.get(weights or "", child.weight.dtype))
                 if child.weight.data_ptr() in held_elsewhere:
-                    added += child.weight.numel() * child.weight.element_size()
-                setattr(parent, name, PackedLinear(child, block_rows))
+                    added += sum(t.numel() * t.element_size() for t in packed.buffers())
+                setattr(parent, name, packed)
                 replaced += 1
     if replaced:
         own_plain_tensors(model)
@@ -108,7 +160,7 @@ def own_plain_tensors(model: torch.nn.Module) -> None:
     memory-mapped checkpoint (or any storage shared with the replaced weights) alive."""
     done: set[int] = set()
     for module in model.modules():
-        if isinstance(module, PackedLinear):
+        if isinstance(module, (PackedLinear, Int8Linear)):
             continue
         for tensor in [*module._parameters.values(), *module._buffers.values()]:
             if tensor is not None and id(tensor) not in done:

@@ -154,7 +154,9 @@ def load_model(
     resolved = resolve_model(spec.model)
     if resolved.note:
         log.warning(resolved.note)
-    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32}.get(spec.dtype) or getattr(
+    # int8: float32 weights that shardgen's engine packs as int8 (workers/engine/weight_formats.py)
+    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
+             "int8": torch.float32}.get(spec.dtype) or getattr(
         torch, spec.dtype
     )
     token = hf_token or os.environ.get("HF_TOKEN") or None
