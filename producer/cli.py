@@ -406,6 +406,10 @@ def cancel(run_id: str, broker: str | None) -> None:
 @runtime_options
 @broker_option
 @storage_option
+@click.option("--gpus-per-worker", type=click.IntRange(min=1),
+              help="GPUs per worker process for one model split over them (vLLM's tensor parallelism, --engine vllm): "
+              "with --devices, each worker is pinned to that many GPUs, e.g. --devices all --gpus-per-worker 4 "
+              "[default: 1; env SHARDGEN_GPUS_PER_WORKER].")
 @click.option("--grace-seconds", type=click.FloatRange(min=0),
               help="On SIGTERM/SIGINT, stop taking shards, let the running one finish for this long, then give it back "
               f"to its queue at once [default: {DEFAULT_GRACE_SECONDS:g}; env SHARDGEN_GRACE_SECONDS].")

@@ -39,6 +39,7 @@ MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelSpec)}
 PARAM_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)} | set(PARAM_ALIASES) | {"do_sample", "use_cache"}
 RUN_FIELDS = {"input", "split", "subset", "revision", "limit", "shard_size", "chat_template", "max_prompt_tokens", "max_retries"}
 RUNTIME_FIELDS = {"device", "engine", "batch_size", "max_memory", "compile", "hf_token", "grace_seconds", "stall_seconds",
+                  "gpus_per_worker",
                   "work_dir", "broker", "output", "allow_partial", "storage_options", "metrics_port", "metrics_host",
                   "log_format", "loglevel", "name"}
 MODEL_OPTIONS = (MODEL_FIELDS - {"revision"}) | {"model_revision"}

@@ -200,3 +200,42 @@ def test_bitsandbytes_on_vllms_cpu_build_is_refused_naming_the_engine_that_runs_
 def test_vllm_loads_its_own_model(tiny_loaded):
     with pytest.raises(InvalidParameter, match="vLLM loads its own model"):
         make_generator(tiny_loaded, 4, engine="vllm")
+
+
+def test_gpus_per_worker_pins_each_supervised_worker_to_its_own_gpus():
+    from shardgen.workers.queue.config import CONFIG_ENV, WorkerConfig
+    from shardgen.workers.queue.supervisor import child_commands
+
+    config = WorkerConfig(runtime=RuntimeOptions(engine="vllm", gpus_per_worker=2))
+    children = child_commands(["0", "1", "2", "3"], config, {})
+    assert [c.env["CUDA_VISIBLE_DEVICES"] for c in children] == ["0,1", "2,3"]
+    child = [WorkerConfig.from_json(c.env[CONFIG_ENV]) for c in children]
+    assert [(c.runtime.device, c.runtime.gpus_per_worker) for c in child] == [("cuda:0", 2), ("cuda:0", 2)]
+    assert children[1].name == "worker 1 (GPUs 2,3)" and child[1].name.startswith("shardgen-1-gpu2-3@")
+    with pytest.raises(InvalidParameter, match="3 GPUs .* do not split into workers of 2"):
+        child_commands(["0", "1", "2"], config, {})
+    with pytest.raises(InvalidParameter, match="needs GPUs"):
+        child_commands(["cpu", "cpu"], config, {})
+
+
+def test_tensor_parallelism_is_vllms_and_needs_gpus(vllm_model_dir):
+    spec = ModelSpec(model=str(vllm_model_dir))
+    with pytest.raises(InvalidParameter, match="runs on vLLM, not on shardgen: add --engine vllm"):
+        load_generator(spec, vllm_runtime(engine="shardgen", gpus_per_worker=2))
+    with pytest.raises(InvalidParameter, match="splits a model over GPUs, and this worker runs on cpu"):
+        load_generator(spec, vllm_runtime(gpus_per_worker=2))
+    with pytest.raises(InvalidParameter, match="gpus_per_worker must be a positive integer"):
+        RuntimeOptions(gpus_per_worker=0)
+    assert RuntimeOptions.from_options({}, {"SHARDGEN_GPUS_PER_WORKER": "4"}).gpus_per_worker == 4
+
+
+def test_worker_refuses_gpus_per_worker_over_cpus_in_one_line(tmp_path):
+    from tests.conftest import run_cli
+
+    result = run_cli("worker", "--devices", "cpu,cpu", "--gpus-per-worker", "2", "--engine", "vllm",
+                     "--broker", "redis://127.0.0.1:1/0")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: --gpus-per-worker 2 needs GPUs, and --devices names cpu: use --devices all or GPU ids, or leave "
+        "--gpus-per-worker at 1"
+    ]

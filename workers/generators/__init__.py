@@ -45,6 +45,9 @@ def load_generator(spec: ModelSpec, runtime: RuntimeOptions, *, tokenizer_source
         from .vllm import load_vllm
 
         return load_vllm(spec, runtime, device, tokenizer_source=tokenizer_source)
+    if runtime.gpus_per_worker > 1:
+        raise InvalidParameter(f"--gpus-per-worker {runtime.gpus_per_worker} (tensor parallelism) runs on vLLM, not on "
+                               f"{engine}", "add --engine vllm, or leave --gpus-per-worker at 1")
     loaded = load_model(spec, device, runtime.hf_token, tokenizer_source=tokenizer_source)
     generator = make_generator(loaded, runtime.batch_size, engine=engine, compile=runtime.compile,
                                max_memory=runtime.max_memory)

@@ -280,6 +280,9 @@ def load_vllm(spec: ModelSpec, runtime: RuntimeOptions, device: str, *,
                          "pip install 'shardgen[vllm]' (CUDA), or `make install` for the CPU build; or use --engine shardgen")
     if device != "cpu" and not device.startswith("cuda"):
         raise InvalidParameter(f"vLLM runs on cpu or cuda, not {device}")
+    if runtime.gpus_per_worker > 1 and device == "cpu":
+        raise InvalidParameter(f"--gpus-per-worker {runtime.gpus_per_worker} splits a model over GPUs, and this worker "
+                               "runs on cpu", "run it on a GPU node (--devices all), or leave --gpus-per-worker at 1")
     resolved = resolve_model(spec.model)
     if resolved.note:
         log.warning(resolved.note)
@@ -306,6 +309,8 @@ def load_vllm(spec: ModelSpec, runtime: RuntimeOptions, device: str, *,
     )
     if runtime.batch_size != AUTO:
         kwargs["max_num_seqs"] = runtime.batch_size
+    if runtime.gpus_per_worker > 1:
+        kwargs["tensor_parallel_size"] = runtime.gpus_per_worker
     if spec.quantize == "nf4":
         kwargs["quantization"] = "bitsandbytes"
     for previous in list(_live):
