@@ -104,6 +104,7 @@ def process_shard(
         "rows": len(rows),
         "model": spec.model.model,
         "model_source": loaded.source,
+        "adapter": loaded.info.get("adapter", ""),
         "quantize": spec.model.quantize,
         "params": spec.params.to_json(),
         "generator": getattr(generator, "last_path", None) or generator.name,

@@ -39,7 +39,7 @@ from ..generation import (
     TokenLogprobs,
     request_error,
 )
-from ..models.loader import LoadedModel, resolve_model
+from ..models.loader import LoadedModel, model_info, resolve_model, tokenizer_home
 from .. import quantization
 
 log = logging.getLogger(__name__)
@@ -131,8 +131,14 @@ _live: list["VLLMGenerator"] = []
 class VLLMGenerator:
     name = NAME
 
-    def __init__(self, llm: Any, loaded: LoadedModel, batch_size: int):
+    def __init__(self, llm: Any, loaded: LoadedModel, batch_size: int, *, adapter: str | None = None):
+        """`adapter`: a LoRA adapter directory every request is served with (vLLM applies it over the base)."""
         self.llm = llm
+        self.lora = None
+        if adapter is not None:
+            from vllm.lora.request import LoRARequest
+
+            self.lora = LoRARequest("adapter", 1, adapter)
         self.loaded = loaded
         self.batch_size = batch_size
         self.last_path = vllm_version()
@@ -173,7 +179,8 @@ class VLLMGenerator:
                 budget = min(params.new_token_budget(prompt_tokens), self.loaded.context_length - prompt_tokens)
                 request_id = f"sg{call}-{index}"
                 engine.add_request(request_id, {"prompt_token_ids": list(request.prompt_ids)},
-                                   vllm_sampling_params(params, request, budget, self.loaded.eos_token_ids))
+                                   vllm_sampling_params(params, request, budget, self.loaded.eos_token_ids),
+                                   lora_request=self.lora)
                 running[request_id] = index
             while running:
                 if should_stop is not None and should_stop():
@@ -254,6 +261,19 @@ def check_quantization(spec: ModelSpec, checkpoint_method: str | None, device: s
                          f"with {spec.quantize}", "drop --quantize: a pre-quantized checkpoint loads as it is")
 
 
+LORA_RANK_SLOTS = (8, 16, 32, 64, 128, 256, 320, 512)
+"""The max_lora_rank values vLLM accepts."""
+
+
+def lora_rank_slot(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds an adapter of `rank`."""
+    for slot in LORA_RANK_SLOTS:
+        if rank <= slot:
+            return slot
+    raise ModelError(f"a LoRA adapter of rank {rank} is above vLLM's largest ({LORA_RANK_SLOTS[-1]})",
+                     "use --engine shardgen (it merges the adapter into the base)")
+
+
 def vllm_dtype(spec: ModelSpec, checkpoint_method: str | None, device: str) -> str:
     if spec.dtype != AUTO:
         return spec.dtype
@@ -294,10 +314,11 @@ def load_vllm(spec: ModelSpec, runtime: RuntimeOptions, device: str, *,
         source, checkpoint_method = str(quantization.calibrated_checkpoint(source, spec, device)), "compressed-tensors"
         log.warning("serving the GPTQ checkpoint of %s calibrated into %s", spec.model, source)
     prepare_environment(device)
-    tokenizer, eos_ids = _tokenizer(tokenizer_source or source, spec, token)
+    tokenizer_dir = tokenizer_source or (tokenizer_home(resolved) if resolved.adapter else source)
+    tokenizer, eos_ids = _tokenizer(tokenizer_dir, spec, token)
     kwargs: dict[str, Any] = dict(
         model=source,
-        tokenizer=tokenizer_source or source,
+        tokenizer=tokenizer_dir,
         revision=spec.revision,
         trust_remote_code=spec.trust_remote_code,
         dtype=vllm_dtype(spec, checkpoint_method, device),
@@ -313,6 +334,8 @@ def load_vllm(spec: ModelSpec, runtime: RuntimeOptions, device: str, *,
         kwargs["tensor_parallel_size"] = runtime.gpus_per_worker
     if spec.quantize == "nf4":
         kwargs["quantization"] = "bitsandbytes"
+    if resolved.adapter is not None:
+        kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=lora_rank_slot(resolved.adapter.rank))
     for previous in list(_live):
         log.warning("closing the vLLM model this process held (%s) to load %s", previous.loaded.source, source)
         previous.close()
@@ -334,9 +357,9 @@ def load_vllm(spec: ModelSpec, runtime: RuntimeOptions, device: str, *,
     loaded = LoadedModel(
         model=llm, tokenizer=tokenizer, spec=spec, device=device, source=source,
         load_time_s=time.perf_counter() - started, eos_token_ids=tuple(eos_ids), context_length=context,
-        info={k: v for k, v in (("note", resolved.note), ("checkpoint_quantization", checkpoint_method)) if v},
+        info=model_info(resolved, checkpoint_method),
     )
-    generator = VLLMGenerator(llm, loaded, batch)
+    generator = VLLMGenerator(llm, loaded, batch, adapter=resolved.adapter.path if resolved.adapter else None)
     _live.append(generator)
     return loaded, generator
 
