@@ -72,6 +72,8 @@ input_options = _options(
     click.option("--keep-columns", help="Comma-separated input columns to copy into the output."),
     click.option("--output-column", help="Name of the generated-text column [default: generation]."),
     click.option("--ground-truth-column", help="Column with a reference answer, carried through as `ground_truth`."),
+    click.option("--adapter-column", help="Column of per-row LoRA adapter directories, served over one loaded base "
+                 "(--engine vllm); an empty cell means the base model."),
     click.option("--chat-template/--no-chat-template", default=None, help="Apply the model's chat template [default: on]."),
     click.option("--max-prompt-tokens", type=int, help="Truncate longer prompts from the left (recorded per row)."),
     click.option("--shard-size", type=int, help="Rows per shard [default: 64]."),

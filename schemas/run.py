@@ -33,6 +33,8 @@ class ColumnMapping:
     """Name of the generated-text column."""
     ground_truth_column: str | None = None
     """Column with a reference answer, carried through as `ground_truth`."""
+    adapter_column: str | None = None
+    """Column naming each row's LoRA adapter directory (vLLM serves several over one base); empty: the base."""
 
     def __post_init__(self) -> None:
         if self.prompt_column and self.messages_column:

@@ -21,6 +21,8 @@ class GenerationRequest:
     prompt_ids: list[int]
     seed: int = 0
     """Per-row seed: the same seed gives the same text whatever else shares the batch."""
+    adapter: str | None = None
+    """A LoRA adapter directory to serve this request with (vLLM), None for the model as loaded."""
 
 
 @dataclass(frozen=True)

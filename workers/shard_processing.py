@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from shardgen.schemas.errors import InvalidParameter
 from shardgen.schemas.run import RunSpec
 from shardgen.schemas.shard import Shard
 
@@ -90,7 +91,11 @@ def process_shard(
         if output is not None and on_row:
             on_row(output)
 
-    requests = [GenerationRequest(prompts[p].ids, seed=spec.row_seed(rows[p].index)) for p in pending]  # type: ignore[union-attr]
+    requests = [GenerationRequest(prompts[p].ids, seed=spec.row_seed(rows[p].index), adapter=rows[p].adapter)  # type: ignore[union-attr]
+                for p in pending]
+    if any(r.adapter for r in requests) and not getattr(generator, "serves_adapters", False):
+        raise InvalidParameter(f"per-row adapters (--adapter-column) run on vLLM, not on {generator.name}",
+                               "add --engine vllm, or pass one adapter directory as --model")
     generated, halvings = generate_halving_on_oom(generator, requests, spec, on_row, should_stop)
     for position, output in zip(pending, generated):
         outputs[position] = output

