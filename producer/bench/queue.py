@@ -27,10 +27,12 @@ from ..display import rows_table
 console = Console(stderr=True)
 
 
-def start_worker(model: str, device: str, batch_size: int, broker: str, log_path: Path) -> subprocess.Popen:
+def start_worker(model: str, device: str, batch_size: int, broker: str, log_path: Path, engine: str = "auto",
+                 max_memory: str | None = None) -> subprocess.Popen:
     log = open(log_path, "wb")
     command = [sys.executable, "-m", "shardgen.producer.cli", "worker", "--model", model, "--device", device,
-               "--batch-size", str(batch_size), "--broker", broker]
+               "--batch-size", str(batch_size), "--broker", broker, "--engine", engine,
+               *(["--max-memory", max_memory] if max_memory else [])]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while b" ready." not in log_path.read_bytes():
@@ -40,12 +42,13 @@ def start_worker(model: str, device: str, batch_size: int, broker: str, log_path
     return process
 
 
-def embedded_rate(spec: RunSpec, output: Path, device: str, batch_size: int) -> dict[str, Any]:
+def embedded_rate(spec: RunSpec, output: Path, device: str, batch_size: int, engine: str = "auto",
+                  max_memory: str | None = None) -> dict[str, Any]:
     from ..embedded import run_embedded
 
     from shardgen.schemas.runtime import RuntimeOptions
 
-    runtime = RuntimeOptions(device=device, batch_size=batch_size)
+    runtime = RuntimeOptions(device=device, batch_size=batch_size, engine=engine, max_memory=max_memory)
     summary = run_embedded(spec, output, runtime, console=Console(stderr=True, quiet=True))
     seconds = summary.seconds - summary.load_seconds
     return {"mode": "embedded (run)", "rows": summary.rows, "tokens": summary.generated_tokens, "seconds": seconds}
@@ -74,11 +77,14 @@ def distributed_rate(spec: RunSpec, work_dir: Path, broker: str) -> dict[str, An
 @click.option("--shard-size", type=click.IntRange(min=1), default=32, show_default=True, help="Rows per shard.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Batch size of both modes.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="New tokens per prompt.")
+@click.option("--engine", default="auto", show_default=True,
+              help="Generator of both modes: shardgen, vllm, hf-generate or auto (vLLM on CUDA when installed).")
+@click.option("--max-memory", help="KV cache budget of both modes (e.g. 1GiB) [default: each engine's own].")
 @click.option("--broker", help="Redis URL to use [default: start a private redis-server on a free port].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the prompts and of generation.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def bench_queue(model: str, device: str, rows: int, shard_size: int, batch_size: int, max_new_tokens: int,
-                broker: str | None, seed: int, as_json: bool) -> None:
+                engine: str, max_memory: str | None, broker: str | None, seed: int, as_json: bool) -> None:
     """Run one greedy job embedded and through Redis + one worker; report tokens/s and the ratio.
 
     The worker is started and loaded before the clock starts, and the embedded time excludes model
@@ -96,11 +102,11 @@ def bench_queue(model: str, device: str, rows: int, shard_size: int, batch_size:
         if broker is None:
             redis_process, broker = start_private_redis(scratch)
         console.print("starting one worker ...")
-        worker = start_worker(model, device, batch_size, broker, scratch / "worker.log")
+        worker = start_worker(model, device, batch_size, broker, scratch / "worker.log", engine, max_memory)
         console.print("distributed run ...")
         distributed = distributed_rate(make_spec(), scratch / "work", broker)
         console.print("embedded run ...")
-        embedded = embedded_rate(make_spec(), scratch / "embedded.parquet", device, batch_size)
+        embedded = embedded_rate(make_spec(), scratch / "embedded.parquet", device, batch_size, engine, max_memory)
     finally:
         for process in (worker, redis_process):
             if process is not None:
@@ -115,7 +121,8 @@ def bench_queue(model: str, device: str, rows: int, shard_size: int, batch_size:
         click.echo(json.dumps(results, indent=2))
         return
     out.print(rows_table(
-        f"queue overhead: {rows} rows, shards of {shard_size}, batch {batch_size}, {max_new_tokens} new tokens, {device}",
+        f"queue overhead: {rows} rows, shards of {shard_size}, batch {batch_size}, {max_new_tokens} new tokens, {device}, "
+        f"engine {engine}",
         ["mode", "rows", "tokens", "seconds", "tokens/s", "ratio"],
         [(r["mode"], r["rows"], r["tokens"], f"{r['seconds']:.1f}", f"{r['tokens_per_s']:.1f}", f"{r['ratio_to_embedded']:.2f}x") for r in results],
     ))
