@@ -85,27 +85,28 @@ def vllm_sampling_params(params: SamplingParams, request: GenerationRequest, max
                          eos_token_ids: Sequence[int]) -> Any:
     """vLLM's SamplingParams for one request: shardgen's fields one to one, the row's own seed, the model's EOS
     as stop tokens unless ignore_eos."""
-    import vllm
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import SamplingParams as VLLMSamplingParams
 
-    stop_ids = list(params.stop_token_ids) + ([] if params.ignore_eos else [i for i in eos_token_ids if i not in params.stop_token_ids])
+    eos = [] if params.ignore_eos else [i for i in eos_token_ids if i not in params.stop_token_ids]
     fields: dict[str, Any] = dict(
         n=params.n,
         max_tokens=max_tokens,
         temperature=params.temperature,
         top_p=params.top_p,
-        top_k=params.top_k if params.top_k > 0 else 0,
+        top_k=params.top_k,  # 0: off, in both
         min_p=params.min_p,
         repetition_penalty=params.repetition_penalty,
         stop=list(params.stop),
-        stop_token_ids=stop_ids,
+        stop_token_ids=[*params.stop_token_ids, *eos],
         ignore_eos=params.ignore_eos,
         logprobs=params.logprobs,
         skip_special_tokens=True,
-        output_kind=vllm.sampling_params.RequestOutputKind.FINAL_ONLY,
+        output_kind=RequestOutputKind.FINAL_ONLY,
     )
     if not params.greedy:
         fields["seed"] = request.seed  # vLLM gives the k-th of n samples seed + k: independent of the batch
-    return vllm.SamplingParams(**fields)
+    return VLLMSamplingParams(**fields)
 
 
 def sample_from(completion: Any, tokenizer: Any, params: SamplingParams) -> Sample:
