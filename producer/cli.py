@@ -90,6 +90,8 @@ input_options = _options(
     click.option("--ground-truth-column", help="Column with a reference answer, carried through as `ground_truth`."),
     click.option("--params-column", help="Column of per-row requests: JSON objects of generation parameters (e.g. "
                  '{"temperature": 0.7, "json_schema": {...}}) over the run\'s; a row whose fields are invalid fails alone.'),
+    click.option("--adapter-column", help="Column of per-row LoRA adapter directories, served over one loaded base "
+                 "(--engine vllm); an empty cell means the base model."),
     click.option("--chat-template/--no-chat-template", default=None, help="Apply the model's chat template [default: on]."),
     click.option("--max-prompt-tokens", type=int, help="Truncate longer prompts from the left (recorded per row)."),
     click.option("--shard-size", type=int, help="Rows per shard [default: 64]."),
@@ -480,6 +482,10 @@ def gc(run_ids: tuple[str, ...], older_than_days: float, staged_input: bool, bro
 @runtime_options
 @broker_option
 @storage_option
+@click.option("--gpus-per-worker", type=click.IntRange(min=1),
+              help="GPUs per worker process for one model split over them (vLLM's tensor parallelism, --engine vllm): "
+              "with --devices, each worker is pinned to that many GPUs, e.g. --devices all --gpus-per-worker 4 "
+              "[default: 1; env SHARDGEN_GPUS_PER_WORKER].")
 @click.option("--grace-seconds", type=click.FloatRange(min=0),
               help="On SIGTERM/SIGINT, stop taking shards, let the running one finish for this long, then give it back "
               f"to its queue at once [default: {DEFAULT_GRACE_SECONDS:g}; env SHARDGEN_GRACE_SECONDS].")

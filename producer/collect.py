@@ -154,7 +154,7 @@ def _result_locations(layout: RunLayout, shards_total: int, recorded: Mapping[in
     return locations
 
 
-PROVENANCE_KEYS = ("generator", "weights", "quantize", "model_source", "version")
+PROVENANCE_KEYS = ("generator", "weights", "quantize", "model_source", "adapter", "version")
 
 
 def _provenance(spec: RunSpec, locations: list[str]) -> dict[bytes, bytes]:
@@ -167,7 +167,7 @@ def _provenance(spec: RunSpec, locations: list[str]) -> dict[bytes, bytes]:
         shards = [decode_metadata(schema.metadata) for schema in pool.map(read_schema, locations)]
     entries = {"run_id": spec.run_id, "model": spec.model.model, "params": spec.params.to_json()}
     for key in PROVENANCE_KEYS:
-        values = list(dict.fromkeys(shard[key] for shard in shards if key in shard))
+        values = list(dict.fromkeys(shard[key] for shard in shards if shard.get(key)))
         if values:
             entries[key] = ", ".join(values)
     return {meta_key(key): value.encode() for key, value in entries.items()}

@@ -41,6 +41,7 @@ RUN_FIELDS = {"input", "split", "subset", "revision", "limit", "shard_size", "ch
               "input_format"}
 RUNTIME_FIELDS = {"device", "engine", "batch_size", "max_memory", "compile", "hf_token", "grace_seconds", "stall_seconds",
                   "shards_in_flight",
+                  "gpus_per_worker",
                   "work_dir", "broker", "output", "allow_partial", "storage_options", "metrics_port", "metrics_host",
                   "log_format", "loglevel", "name", "output_format"}
 MODEL_OPTIONS = (MODEL_FIELDS - {"revision", "engine"}) | {"model_revision"}

@@ -35,6 +35,7 @@ def resolve_columns(columns: ColumnMapping, available: list[str]) -> ResolvedCol
         "--ground-truth-column": columns.ground_truth_column,
         "--params-column": columns.params_column,
         "error column": columns.error_column,
+        "--adapter-column": columns.adapter_column,
     }
     checks = list(named.items()) + [("--keep-columns", c) for c in columns.keep_columns]
     for flag, name in checks:
@@ -62,6 +63,9 @@ def to_input_row(index: int, record: dict[str, Any], columns: ColumnMapping, res
     if columns.system_column:
         system = record.get(columns.system_column)
         row.system = str(system) if system not in (None, "") else None
+    if columns.adapter_column:
+        adapter = record.get(columns.adapter_column)
+        row.adapter = str(adapter) if adapter not in (None, "") else None
     if resolved.messages:
         row.messages, row.error = _messages(record.get(resolved.messages), resolved.messages)
     else:
@@ -133,7 +137,7 @@ def _messages(value: Any, column: str) -> tuple[list[dict[str, Any]] | None, str
 def used_columns(columns: ColumnMapping, resolved: ResolvedColumns) -> list[str]:
     """The input columns a run reads: the prompt (or messages), system, id, ground truth and kept columns."""
     named = [resolved.prompt, resolved.messages, columns.system_column, columns.id_column, columns.ground_truth_column,
-             columns.params_column, columns.error_column]
+             columns.params_column, columns.error_column, columns.adapter_column]
     return list(dict.fromkeys(c for c in [*named, *columns.keep_columns] if c))
 
 

@@ -38,6 +38,8 @@ class ColumnMapping:
     error_column: str | None = None
     """Column of per-row errors found while reading the input (an OpenAI batch request shardgen cannot honour):
     a row with one is recorded as failed, not generated."""
+    adapter_column: str | None = None
+    """Column naming each row's LoRA adapter directory (vLLM serves several over one base); empty: the base."""
 
     def __post_init__(self) -> None:
         if self.prompt_column and self.messages_column:

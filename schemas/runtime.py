@@ -38,6 +38,7 @@ ENVIRONMENT = {
     "grace_seconds": "SHARDGEN_GRACE_SECONDS",
     "stall_seconds": "SHARDGEN_STALL_SECONDS",
     "shards_in_flight": "SHARDGEN_SHARDS_IN_FLIGHT",
+    "gpus_per_worker": "SHARDGEN_GPUS_PER_WORKER",
 }
 """The environment variable of each option (read when neither a flag nor the TOML file gives it)."""
 
@@ -60,6 +61,8 @@ class RuntimeOptions:
     stall_seconds: float = DEFAULT_STALL_SECONDS
     shards_in_flight: int = DEFAULT_SHARDS_IN_FLIGHT
     """Shards a worker holds at once (1: one at a time); more only where the engine takes requests mid-call."""
+    gpus_per_worker: int = 1
+    """GPUs one worker's model is split over (vLLM's tensor parallelism); the supervisor pins that many per child."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not self.device.strip():
@@ -77,6 +80,7 @@ class RuntimeOptions:
         if self.max_memory is not None and (isinstance(self.max_memory, bool) or not str(self.max_memory).strip()):
             raise InvalidParameter(f"max_memory must be a size such as 8GiB, got {self.max_memory!r}")
         object.__setattr__(self, "compile", _boolean("compile", self.compile))
+        object.__setattr__(self, "gpus_per_worker", _positive_int("gpus_per_worker", self.gpus_per_worker))
         for name in ("grace_seconds", "stall_seconds"):
             object.__setattr__(self, name, _seconds(name, getattr(self, name)))
         object.__setattr__(self, "shards_in_flight", _shards_in_flight(self.shards_in_flight))
@@ -111,6 +115,14 @@ class RuntimeOptions:
         if unknown:
             raise InvalidParameter(f"unknown runtime option(s) {', '.join(sorted(unknown))}", f"use {', '.join(sorted(known))}")
         return cls(**data)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise InvalidParameter(f"{name} must be a positive integer, got {value!r}")
 
 
 def parse_batch_size(value: Any) -> int | str:

@@ -23,6 +23,8 @@ class InputRow:
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     system: str | None = None
+    adapter: str | None = None
+    """The LoRA adapter directory this row is served with (--adapter-column), None for the model as loaded."""
     ground_truth: Any = None
     keep: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Any] | None = None

@@ -66,7 +66,7 @@ def test_bench_refuses_a_bad_batch_size(tiny_model_dir):
 
 
 def test_bench_refuses_unknown_generator(tiny_model_dir):
-    result = CliRunner().invoke(bench, ["--model", str(tiny_model_dir), "--generators", "engine,vllm"])
+    result = CliRunner().invoke(bench, ["--model", str(tiny_model_dir), "--generators", "engine,beam-me-up"])
     assert result.exit_code != 0 and "unknown generator" in result.output
 
 
@@ -142,3 +142,33 @@ def test_bench_queue_reports_each_shard_size_and_shards_in_flight_with_occupancy
             assert 0 < row["occupancy"] <= 1
     # shards of 3 rows on a batch of 4: one shard at a time never fills the batch; two in flight do
     assert rows[(3, 1)]["occupancy"] <= 0.75 < rows[(3, 2)]["occupancy"]
+def test_bench_measures_vllm_on_the_engines_prompts(tmp_path):
+    """`--generators engine,vllm,hf-generate`: one run, the same prompt ids, vLLM's version in the path column."""
+    from tests.test_vllm import VLLM_HIDDEN
+    from tests.tiny_architectures import build_architecture
+
+    model = build_architecture("llama", tmp_path / "model", hidden=VLLM_HIDDEN)
+    args = ["--model", str(model), "--device", "cpu", "--prompts", "4", "--batch-size", "2", "--max-new-tokens", "4",
+            "--workload", "equal", "--generators", "engine,vllm,hf-generate", "--max-memory", "64MiB", "--json"]
+    result = CliRunner().invoke(bench, args)
+    assert result.exit_code == 0, result.output
+    rows = {r["generator"]: r for r in json.loads(result.stdout)["results"]}
+    assert list(rows) == ["engine", "vllm", "hf-generate"]
+    assert rows["vllm"]["useful_tokens"] == rows["engine"]["useful_tokens"] == 4 * 4
+    assert rows["vllm"]["path"].startswith("vllm 0.") and rows["vllm"]["batch_size"] == 2
+    assert rows["vllm"]["ratio_vs_hf"] == rows["vllm"]["tokens_per_s"] / rows["hf-generate"]["tokens_per_s"]
+
+
+def test_bench_queue_runs_both_modes_with_a_vllm_worker(tmp_path):
+    from shardgen.producer.bench.queue import bench_queue
+    from tests.test_vllm import VLLM_HIDDEN
+    from tests.tiny_architectures import build_architecture
+
+    model = build_architecture("llama", tmp_path / "model", hidden=VLLM_HIDDEN)
+    args = ["--model", str(model), "--rows", "8", "--shard-size", "4", "--batch-size", "4", "--max-new-tokens", "4",
+            "--engine", "vllm", "--max-memory", "64MiB", "--shards-in-flight", "1", "--json"]
+    result = CliRunner().invoke(bench_queue, args)
+    assert result.exit_code == 0, result.output
+    modes = {r["mode"]: r for r in json.loads(result.stdout)}
+    assert {r["rows"] for r in modes.values()} == {8}
+    assert modes["distributed (submit + 1 worker)"]["tokens"] == modes["embedded (run)"]["tokens"] > 0

@@ -7,7 +7,7 @@ import re
 
 from tests.conftest import REPO
 
-PAGES = ("architecture", "configuration", "models", "fleet", "performance", "compat", "structured")
+PAGES = ("architecture", "configuration", "models", "fleet", "performance", "compat", "structured", "vllm")
 
 
 def test_every_file_the_architecture_page_names_exists():

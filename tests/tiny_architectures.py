@@ -18,10 +18,10 @@ INIT_RANGE = 0.3
 INIT_RANGE_OF = {"gemma2": 0.02}
 
 
-def _rope_decoder(**extra: Any) -> dict[str, Any]:
+def _rope_decoder(hidden: int, **extra: Any) -> dict[str, Any]:
     return dict(
-        hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=LAYERS,
         num_attention_heads=HEADS,
         num_key_value_heads=2,
@@ -30,28 +30,28 @@ def _rope_decoder(**extra: Any) -> dict[str, Any]:
     )
 
 
-def _configs() -> dict[str, Callable[[dict[str, Any]], Any]]:
+def _configs(hidden: int = HIDDEN) -> dict[str, Callable[[dict[str, Any]], Any]]:
     import transformers as tf
 
     return {
-        "llama": lambda common: tf.LlamaConfig(**common, **_rope_decoder()),
-        "mistral": lambda common: tf.MistralConfig(**common, **_rope_decoder()),
+        "llama": lambda common: tf.LlamaConfig(**common, **_rope_decoder(hidden)),
+        "mistral": lambda common: tf.MistralConfig(**common, **_rope_decoder(hidden)),
         # a window shorter than the prompts: only exact if every path honours it
-        "mistral-window": lambda common: tf.MistralConfig(**common, **_rope_decoder(sliding_window=16)),
-        "qwen2": lambda common: tf.Qwen2Config(**common, **_rope_decoder()),
-        "phi3": lambda common: tf.Phi3Config(**common, **_rope_decoder()),
-        "gemma2": lambda common: tf.Gemma2Config(**common, **_rope_decoder(head_dim=HIDDEN // HEADS)),
+        "mistral-window": lambda common: tf.MistralConfig(**common, **_rope_decoder(hidden, sliding_window=16)),
+        "qwen2": lambda common: tf.Qwen2Config(**common, **_rope_decoder(hidden)),
+        "phi3": lambda common: tf.Phi3Config(**common, **_rope_decoder(hidden)),
+        "gemma2": lambda common: tf.Gemma2Config(**common, **_rope_decoder(hidden, head_dim=hidden // HEADS)),
         "falcon": lambda common: tf.FalconConfig(
-            **common, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_kv_heads=2,
+            **common, hidden_size=hidden, num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_kv_heads=2,
             new_decoder_architecture=True,
         ),
         "falcon-7b-layout": lambda common: tf.FalconConfig(
-            **common, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+            **common, hidden_size=hidden, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
             new_decoder_architecture=False, multi_query=True, parallel_attn=True,
         ),
-        "gpt2": lambda common: tf.GPT2Config(**common, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=256),
+        "gpt2": lambda common: tf.GPT2Config(**common, n_embd=hidden, n_layer=LAYERS, n_head=HEADS, n_positions=256),
         "gpt_neox": lambda common: tf.GPTNeoXConfig(
-            **common, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
+            **common, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=LAYERS,
             num_attention_heads=HEADS, max_position_embeddings=256,
         ),
     }
@@ -62,8 +62,9 @@ ARCHITECTURES = (
 )
 
 
-def build_architecture(name: str, target: Path, *, seed: int = 0) -> Path:
-    """Save a tiny random model of architecture `name` and the default tokenizer into `target`."""
+def build_architecture(name: str, target: Path, *, seed: int = 0, hidden: int = HIDDEN) -> Path:
+    """Save a tiny random model of architecture `name` and the default tokenizer into `target`. vLLM's CPU
+    attention needs heads of 32 dimensions or more: hidden=128 gives them."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -78,7 +79,7 @@ def build_architecture(name: str, target: Path, *, seed: int = 0) -> Path:
         initializer_range=INIT_RANGE_OF.get(name, INIT_RANGE),
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_configs()[name](common))
+    model = AutoModelForCausalLM.from_config(_configs(hidden)[name](common))
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target

@@ -26,6 +26,8 @@ class GenerationRequest:
 
     def params_or(self, default: SamplingParams) -> SamplingParams:
         return self.params if self.params is not None else default
+    adapter: str | None = None
+    """A LoRA adapter directory to serve this request with (vLLM), None for the model as loaded."""
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,7 @@ def process_shard(
     should_stop: Callable[[], bool] | None = None,
 ) -> ShardOutcome:
     prepared = prepare_shard(shard, spec, loaded, on_row)
+    check_adapters(prepared.requests, generator)
     generated, halvings = generate_halving_on_oom(generator, prepared.requests, spec, on_row, should_stop)
     prepared.fill(generated)
     return finish_shard(prepared, spec, loaded, generator, location, attempt=attempt, worker=worker,
@@ -123,7 +124,8 @@ def prepare_shard(shard: Shard, spec: RunSpec, loaded: LoadedModel, on_row: OnRo
     for position, output in enumerate(outputs):
         if output is not None and on_row:
             on_row(output)
-    requests = [request_for(spec, rows[p].index, prompts[p].ids, own_params[p]) for p in pending]  # type: ignore[union-attr]
+    requests = [request_for(spec, rows[p].index, prompts[p].ids, own_params[p], rows[p].adapter)  # type: ignore[union-attr]
+                for p in pending]
     return PreparedShard(shard, outputs, prompts, pending, requests, started)
 
 
@@ -150,6 +152,7 @@ def finish_shard(
         "rows": len(rows),
         "model": spec.model.model,
         "model_source": loaded.source,
+        "adapter": loaded.info.get("adapter", ""),
         "quantize": spec.model.quantize,
         "model_identity": json.dumps(spec.model.identity, sort_keys=True),
         "params": spec.params.to_json(),
@@ -187,14 +190,21 @@ def row_params(spec: RunSpec, values: dict) -> tuple[SamplingParams | None, str 
     return (None if params == spec.params else params), None
 
 
-def request_for(spec: RunSpec, row_index: int, prompt_ids: list[int], params: SamplingParams | None) -> GenerationRequest:
+def request_for(spec: RunSpec, row_index: int, prompt_ids: list[int], params: SamplingParams | None,
+                adapter: str | None = None) -> GenerationRequest:
     """A row's request: its prompt, its seed (from its own seed when it has one, so equal requests repeat), its
-    own parameters."""
+    own parameters, its own adapter."""
     if params is not None and params.seed is not None and params.seed != spec.params.seed:
         seed = row_seed(params.seed, 0)
     else:
         seed = spec.row_seed(row_index)
-    return GenerationRequest(prompt_ids, seed=seed, params=params)
+    return GenerationRequest(prompt_ids, seed=seed, params=params, adapter=adapter)
+
+
+def check_adapters(requests: Sequence[GenerationRequest], generator: Generator) -> None:
+    if any(r.adapter for r in requests) and not getattr(generator, "serves_adapters", False):
+        raise InvalidParameter(f"per-row adapters (--adapter-column) run on vLLM, not on {generator.name}",
+                               "add --engine vllm, or pass one adapter directory as --model")
 
 
 def generate_halving_on_oom(

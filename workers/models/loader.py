@@ -15,6 +15,7 @@ from shardgen.schemas.model import BNB_METHODS, ModelSpec
 
 from .. import quantization
 from . import default_model
+from .adapters import Adapter, merge_adapter, read_adapter
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,8 @@ class ResolvedModel:
     note: str | None = None
     """Something the user should be told about the choice (e.g. which checkpoint was picked)."""
     local: bool = True
+    adapter: Adapter | None = None
+    """A PEFT/LoRA adapter to serve over `source` (its base), when --model named an adapter directory."""
 
 
 @dataclass
@@ -50,6 +53,11 @@ def resolve_model(name: str) -> ResolvedModel:
     if name.lower() in default_model.ALIASES:
         return ResolvedModel(str(default_model.default_checkpoint()))
     path = Path(name).expanduser()
+    if path.is_dir() and (adapter := read_adapter(path)) is not None:
+        if read_adapter(Path(adapter.base).expanduser()) is not None:
+            raise ModelError(f"the base of adapter {path} is another adapter ({adapter.base})", "merge one of them first")
+        base = resolve_model(adapter.base)
+        return ResolvedModel(base.source, note=base.note, local=base.local, adapter=adapter)
     if path.is_dir():
         if (path / "config.json").is_file():
             return ResolvedModel(str(path))
@@ -154,6 +162,9 @@ def load_model(
     resolved = resolve_model(spec.model)
     if resolved.note:
         log.warning(resolved.note)
+    if resolved.adapter is not None and spec.quantize != "none":
+        raise ModelError(f"the adapter {resolved.adapter.path} is merged into its base at load, which --quantize "
+                         f"{spec.quantize} would quantize first", "drop --quantize, or serve it with --engine vllm")
     # int8: float32 weights that shardgen's engine packs as int8 (workers/engine/weight_formats.py)
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
              "int8": torch.float32}.get(spec.dtype) or getattr(
@@ -167,7 +178,7 @@ def load_model(
         common["local_files_only"] = True  # the hub is out of reach, the model is in its cache
     started = time.perf_counter()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source or resolved.source, **common)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source or tokenizer_home(resolved), **common)
         quant = bnb_config(spec, dtype)
         kwargs: dict[str, Any] = dict(common, dtype=dtype)
         if quant is not None:
@@ -177,6 +188,8 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(resolved.source, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
         raise _load_error(spec.model, resolved, exc) from None
+    if resolved.adapter is not None:
+        model = merge_adapter(model, resolved.adapter)
     if "device_map" not in kwargs:
         model.to(device)
     model.eval()
@@ -197,8 +210,24 @@ def load_model(
         load_time_s=time.perf_counter() - started,
         eos_token_ids=tuple(eos_ids),
         context_length=int(context),
-        info={k: v for k, v in (("note", resolved.note), ("checkpoint_quantization", checkpoint_method)) if v},
+        info=model_info(resolved, checkpoint_method),
     )
+
+
+def tokenizer_home(resolved: ResolvedModel) -> str:
+    """Where the tokenizer comes from: an adapter's own directory when it carries one (fine-tuning may add tokens),
+    else the checkpoint's."""
+    if resolved.adapter is not None and (Path(resolved.adapter.path) / "tokenizer_config.json").is_file():
+        return resolved.adapter.path
+    return resolved.source
+
+
+def model_info(resolved: ResolvedModel, checkpoint_method: str | None) -> dict[str, Any]:
+    """What a LoadedModel records of how it was found: a note for the user, the checkpoint's quantization, the
+    adapter served over the base."""
+    info: dict[str, Any] = {"note": resolved.note, "checkpoint_quantization": checkpoint_method,
+                            "adapter": resolved.adapter.path if resolved.adapter else None}
+    return {k: v for k, v in info.items() if v}
 
 
 def _quantized_source(spec: ModelSpec, resolved: ResolvedModel, device: str, token: str | None) -> tuple[ResolvedModel, str | None]:

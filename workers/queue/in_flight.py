@@ -21,7 +21,7 @@ from shardgen.schemas.states import Outcome
 from ..faults import describe
 from ..generation import GenerationCancelled, GenerationOutput, GenerationRequest
 from ..lifecycle.store import Claim
-from ..shard_processing import PreparedShard, finish_shard, generate_halving_on_oom, prepare_shard
+from ..shard_processing import PreparedShard, check_adapters, finish_shard, generate_halving_on_oom, prepare_shard
 from .heartbeat import Heartbeat
 
 log = logging.getLogger("shardgen.worker")
@@ -89,6 +89,7 @@ def run_in_flight(first: Claim, ctx: Any, *, open_shard: Callable, conclude: Cal
         spec, location, shard, heartbeat = opened
         try:
             prepared = prepare_shard(shard, spec, ctx.loaded, heartbeat.row_done)
+            check_adapters(prepared.requests, ctx.generator)
         except Exception as exc:  # noqa: BLE001
             heartbeat.stop()
             outcomes[(claim.run_id, claim.shard_index)] = conclude(claim, attempt_of(error=exc))

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from shardgen.schemas.errors import InvalidParameter
+
 from .config import CONFIG_ENV, WorkerConfig
 
 log = logging.getLogger("shardgen.supervisor")
@@ -41,7 +43,8 @@ class Child:
 
     @property
     def name(self) -> str:
-        return f"worker {self.slot} ({'cpu' if self.device == 'cpu' else f'GPU {self.device}'})"
+        where = "cpu" if self.device == "cpu" else ("GPUs " if "," in self.device else "GPU ") + self.device
+        return f"worker {self.slot} ({where})"
 
     def start(self) -> None:
         # Its own session: a terminal's Ctrl-C reaches the supervisor only, which then stops every child the
@@ -60,13 +63,27 @@ def _term_with_parent() -> None:
         pass
 
 
+def device_groups(devices: list[str], per_worker: int) -> list[str]:
+    """The devices of each worker: one GPU id each, or `per_worker` of them joined (`0,1`) for tensor parallelism."""
+    if per_worker == 1:
+        return devices
+    if "cpu" in devices:
+        raise InvalidParameter(f"--gpus-per-worker {per_worker} needs GPUs, and --devices names cpu",
+                               "use --devices all or GPU ids, or leave --gpus-per-worker at 1")
+    if len(devices) % per_worker:
+        raise InvalidParameter(f"{len(devices)} GPUs ({','.join(devices)}) do not split into workers of {per_worker}",
+                               f"name a multiple of {per_worker} GPUs with --devices")
+    return [",".join(devices[i : i + per_worker]) for i in range(0, len(devices), per_worker)]
+
+
 def child_commands(devices: list[str], config: WorkerConfig, base_env: dict[str, str]) -> list[Child]:
-    """The command and environment of each device's worker: pinned, with its own metrics port and name."""
+    """The command and environment of each device's worker: pinned (to --gpus-per-worker GPUs each), with its own
+    metrics port and name."""
     children = []
-    for slot, device in enumerate(devices):
+    for slot, device in enumerate(device_groups(devices, config.runtime.gpus_per_worker)):
         env = dict(base_env)
         env["CUDA_VISIBLE_DEVICES"] = "" if device == "cpu" else device
-        label = "cpu" if device == "cpu" else f"gpu{device}"
+        label = "cpu" if device == "cpu" else f"gpu{device.replace(',', '-')}"
         child = config.for_child(slot, "cpu" if device == "cpu" else "cuda:0", label)
         env[CONFIG_ENV] = child.to_json()
         children.append(Child(slot, device, [sys.executable, "-m", "shardgen.workers.queue.worker_main"], env))
