@@ -239,3 +239,33 @@ def test_worker_refuses_gpus_per_worker_over_cpus_in_one_line(tmp_path):
         "error: --gpus-per-worker 2 needs GPUs, and --devices names cpu: use --devices all or GPU ids, or leave "
         "--gpus-per-worker at 1"
     ]
+
+
+CHOICES = ("alpha", "beta", "gamma")
+
+
+def test_constraints_and_per_row_params_reach_vllm_as_its_structured_outputs(served):
+    """Each row's own SamplingParams (a per-row request) goes to vLLM as that row's request: a choice, a regex and a
+    JSON schema are honoured through vLLM's structured outputs; a JSON text gets its parsed value; a text cut by
+    max_new_tokens before its structure closes is marked, never passed off as valid."""
+    import json
+    import re
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "kind": {"enum": ["x", "y"]}},
+              "required": ["n", "kind"], "additionalProperties": False}
+    prompts = [r.prompt_ids for r in ragged_requests(served.loaded.tokenizer)[:3]]
+    rows = [
+        GenerationRequest(prompts[0], params=SamplingParams(max_new_tokens=8, choice=CHOICES)),
+        GenerationRequest(prompts[1], params=SamplingParams(max_new_tokens=12, regex="[0-9]{3}-[a-z]{2}")),
+        GenerationRequest(prompts[2], params=SamplingParams(max_new_tokens=40, json_schema=schema, temperature=0.7)),
+        GenerationRequest(prompts[2], params=SamplingParams(max_new_tokens=2, json_schema=schema)),
+    ]
+    choice, regex, whole, cut = served.generate(rows, SamplingParams(max_new_tokens=4))
+    assert choice.error is None and choice.samples[0].text in CHOICES
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", regex.samples[0].text)
+    jsonschema.validate(json.loads(whole.samples[0].text), schema)
+    assert json.loads(whole.samples[0].parsed) == json.loads(whole.samples[0].text)
+    assert cut.samples[0].finish_reason == "length" and "max_new_tokens=2" in cut.samples[0].error
+    assert cut.samples[0].parsed is None

@@ -11,7 +11,7 @@ from shardgen.schemas.model import ModelSpec
 from shardgen.schemas.sampling import SamplingParams
 from shardgen.workers.engine import Engine
 from shardgen.workers.engine.packed_linear import Int8Linear, PackedLinear
-from shardgen.workers.engine.weight_formats import choose_format, native_formats
+from shardgen.workers.engine.weight_formats import AUTO_REASON, choose_format, native_formats
 from shardgen.workers.models.loader import load_model
 from tests.test_engine import requests_for, token_ids
 
@@ -26,9 +26,10 @@ def _model(hidden: int, dtype=torch.float32):
 
 
 def test_auto_takes_bfloat16_where_the_cpu_has_it_and_the_model_is_large_enough():
-    assert choose_format("auto", _model(576), AVX512_BF16)[0] == "bfloat16"
-    assert choose_format("auto", _model(64), AVX512_BF16) == ("float32", "auto: hidden size 64 is too small for bfloat16 to pay")
-    assert choose_format("auto", _model(576), AVX2_ONLY) == ("float32", "auto: this CPU has no BF16 instructions")
+    assert choose_format("auto", _model(576), AVX512_BF16) == ("float32", AUTO_REASON)  # asked for, never defaulted
+    assert choose_format("auto", _model(576), AVX2_ONLY) == ("float32", AUTO_REASON)
+    assert choose_format("bfloat16", _model(576), AVX512_BF16) == ("bfloat16", "asked for")
+    assert choose_format("bfloat16", _model(576), AVX2_ONLY) == ("float32", "bfloat16 asked, but this CPU lacks its instructions")
     assert choose_format("int8", _model(576), AVX512_BF16) == ("int8", "asked for")
     assert choose_format("int8", _model(576), AVX2_ONLY) == ("float32", "int8 asked, but this CPU lacks its instructions")
     assert choose_format("float32", _model(576), AVX512_BF16)[0] == "float32"

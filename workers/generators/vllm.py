@@ -28,6 +28,7 @@ from shardgen.schemas.runtime import AUTO, RuntimeOptions
 from shardgen.schemas.sampling import SamplingParams
 
 from ..engine.stop import truncate_at_stop
+from ..engine.constraints import check_text
 from ..generation import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -106,7 +107,20 @@ def vllm_sampling_params(params: SamplingParams, request: GenerationRequest, max
     )
     if not params.greedy:
         fields["seed"] = request.seed  # vLLM gives the k-th of n samples seed + k: independent of the batch
+    if params.constraint is not None:
+        fields["structured_outputs"] = structured_outputs(*params.constraint)
     return VLLMSamplingParams(**fields)
+
+
+def structured_outputs(kind: str, value: Any) -> Any:
+    """shardgen's constraint as vLLM's own structured-output request (its default backend is xgrammar too)."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if kind == "json_schema":
+        return StructuredOutputsParams(json=value)
+    if kind == "regex":
+        return StructuredOutputsParams(regex=value)
+    return StructuredOutputsParams(choice=list(value))
 
 
 def sample_from(completion: Any, tokenizer: Any, params: SamplingParams) -> Sample:
@@ -115,7 +129,10 @@ def sample_from(completion: Any, tokenizer: Any, params: SamplingParams) -> Samp
     text, hit = truncate_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), params.stop)
     finish = FINISH_STOP if hit or completion.finish_reason == "stop" else FINISH_LENGTH
     logprobs = token_logprobs(tokens, completion.logprobs, params.logprobs) if params.logprobs is not None else None
-    return Sample(text, tokens, finish, logprobs)
+    # under a constraint vLLM only lets a sample end ("stop") once its structure is whole
+    checked = check_text(params, text, completion.finish_reason == "stop" and not hit, finish,
+                         cut_by_stop=hit and params.constraint is not None)
+    return Sample(text, tokens, finish, logprobs, checked.error, checked.parsed)
 
 
 def token_logprobs(tokens: Sequence[int], positions: Any, top: int) -> list[TokenLogprobs]:
@@ -180,7 +197,8 @@ class VLLMGenerator:
         waves: dict[str | None, list[tuple[int, Any]]] = {}
         for index, request in enumerate(requests):
             prompt_tokens = len(request.prompt_ids)
-            error = request_error(prompt_tokens, params, self.loaded.context_length)
+            own = request.params_or(params)
+            error = refusal(own) or request_error(prompt_tokens, own, self.loaded.context_length)
             lora = self.lora
             if error is None and request.adapter:
                 lora, error = self._row_lora(request.adapter)
@@ -206,11 +224,12 @@ class VLLMGenerator:
         try:
             for index, lora in wave:
                 request = requests[index]
+                own = request.params_or(params)
                 prompt_tokens = len(request.prompt_ids)
-                budget = min(params.new_token_budget(prompt_tokens), self.loaded.context_length - prompt_tokens)
+                budget = min(own.new_token_budget(prompt_tokens), self.loaded.context_length - prompt_tokens)
                 request_id = f"sg{call}-{index}"
                 engine.add_request(request_id, {"prompt_token_ids": list(request.prompt_ids)},
-                                   vllm_sampling_params(params, request, budget, self.loaded.eos_token_ids),
+                                   vllm_sampling_params(own, request, budget, self.loaded.eos_token_ids),
                                    lora_request=lora)
                 running[request_id] = index
             while running:
@@ -220,7 +239,8 @@ class VLLMGenerator:
                     if not result.finished or result.request_id not in running:
                         continue
                     index = running.pop(result.request_id)
-                    samples = [sample_from(c, self.loaded.tokenizer, params) for c in sorted(result.outputs, key=lambda c: c.index)]
+                    own = requests[index].params_or(params)
+                    samples = [sample_from(c, self.loaded.tokenizer, own) for c in sorted(result.outputs, key=lambda c: c.index)]
                     finish(index, GenerationOutput(samples, len(requests[index].prompt_ids), time.perf_counter() - started))
         finally:
             if running:  # cancelled, or an error: leave the engine empty for the next call
