@@ -253,18 +253,20 @@ def test_constraints_and_per_row_params_reach_vllm_as_its_structured_outputs(ser
 
     import jsonschema
 
-    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "kind": {"enum": ["x", "y"]}},
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9},
+                                               "kind": {"enum": ["x", "y"]}},
               "required": ["n", "kind"], "additionalProperties": False}
     prompts = [r.prompt_ids for r in ragged_requests(served.loaded.tokenizer)[:3]]
     rows = [
         GenerationRequest(prompts[0], params=SamplingParams(max_new_tokens=8, choice=CHOICES)),
         GenerationRequest(prompts[1], params=SamplingParams(max_new_tokens=12, regex="[0-9]{3}-[a-z]{2}")),
-        GenerationRequest(prompts[2], params=SamplingParams(max_new_tokens=40, json_schema=schema, temperature=0.7)),
+        GenerationRequest(prompts[2], params=SamplingParams(max_new_tokens=160, json_schema=schema)),
         GenerationRequest(prompts[2], params=SamplingParams(max_new_tokens=2, json_schema=schema)),
     ]
     choice, regex, whole, cut = served.generate(rows, SamplingParams(max_new_tokens=4))
     assert choice.error is None and choice.samples[0].text in CHOICES
     assert re.fullmatch("[0-9]{3}-[a-z]{2}", regex.samples[0].text)
+    assert whole.samples[0].finish_reason == "stop", whole.samples[0].text
     jsonschema.validate(json.loads(whole.samples[0].text), schema)
     assert json.loads(whole.samples[0].parsed) == json.loads(whole.samples[0].text)
     assert cut.samples[0].finish_reason == "length" and "max_new_tokens=2" in cut.samples[0].error
