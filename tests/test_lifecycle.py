@@ -355,6 +355,7 @@ def test_leases_that_ran_out_while_redis_was_away_are_not_reaped_as_deaths(store
     run_id = new_run(store, shards=2)
     first, second = store.claim_next(QUEUE, "w1"), store.claim_next(QUEUE, "w2")
     store.renew(first)
+    store.reap_expired_leases()  # the watchdogs reap every few seconds, up to the outage
     store.redis.delete(store.lease_key(run_id, 0), store.lease_key(run_id, 1))
     clock.advance(120)  # nobody reached Redis for two minutes: every lease ran out meanwhile
     assert store.reap_expired_leases() == []  # an outage, not two deaths
@@ -362,10 +363,23 @@ def test_leases_that_ran_out_while_redis_was_away_are_not_reaped_as_deaths(store
     clock.advance(1)
     assert store.reap_expired_leases() == []  # one more lease for the other...
     clock.advance(store_lease_s())
-    store.renew(first)  # the live worker went on renewing meanwhile
+    store.renew(first)  # the live worker went on renewing meanwhile, and the watchdogs on reaping
+    peers_were_alive(store, clock)
     assert store.reap_expired_leases() == [(run_id, 1, "queued")]  # ...whose worker did die
     record = store.record(run_id)
     assert record.reassigned == 1 and record.reacquired == 1 and record.shards["running"] == 1
+
+
+def test_an_outage_is_seen_even_when_a_renewal_reaches_redis_before_any_reap(store, clock):
+    run_id = new_run(store, shards=2)
+    first, second = store.claim_next(QUEUE, "w1"), store.claim_next(QUEUE, "w2")
+    store.reap_expired_leases()
+    store.redis.delete(store.lease_key(run_id, 0), store.lease_key(run_id, 1))
+    clock.advance(120)
+    assert store.renew(first) == RunState.RUNNING  # w1's renewal happens to be served first after the outage
+    assert store.reap_expired_leases() == []  # w2's lease is not reaped as a death...
+    assert store.renew(second) == RunState.RUNNING  # ...and w2 takes it back
+    assert store.record(run_id).reassigned == 0 and store.record(run_id).reacquired == 2
 
 
 def store_lease_s():

@@ -11,7 +11,7 @@ Keys (prefix `sg`):
   sg:delayed:sg.q.{model}   zset   run|i|attempt -> when a failed shard's backoff ends
   sg:workers                hash   worker id -> JSON (queue, device, host, current shard, last heartbeat)
   sg:stopped                hash   worker id -> JSON: a worker that stopped itself (sick, stalled) and why
-  sg:seen                   string when a worker last renewed or reaped (Redis time): a long silence is an outage
+  sg:seen                   string when a watchdog last reaped (Redis time): a long silence is an outage
 
 A shard is always in exactly one place: an entry in its queue (or its backoff set), or a lease, or ended.
 Each transition moves it in one script, so no crash between two calls can leave a shard that nothing moves.

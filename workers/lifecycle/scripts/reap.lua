@@ -2,9 +2,10 @@
 -- each exactly once whoever runs this; a shard whose workers keep dying fails for good.
 -- ARGV: prefix, now, lease_ms, quiet_ms. Returns a flat list: run|index, the state it moved the shard to
 -- ('queued', 'failed' or 'cancelled'), ...
--- Every live worker calls renew or reap every few seconds. When nobody has for quiet_ms, Redis was away (paused,
+-- Every live worker's watchdog reaps every few seconds. When none has for quiet_ms, Redis was away (paused,
 -- restarting, cut off) or the whole fleet was: leases that ran out meanwhile say nothing about deaths, so each
--- gets one more lease to be renewed (renew.lua takes it back) before it is reaped.
+-- gets one more lease to be renewed (renew.lua takes it back) before it is reaped. Only reaps count: after an
+-- outage the first call to arrive may be one worker's renewal, and the silence must still be seen.
 local lease_ms, quiet_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
 local last_seen = tonumber(redis.call('GET', seen_key) or now)
 redis.call('SET', seen_key, now)

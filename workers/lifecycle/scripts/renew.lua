@@ -4,7 +4,6 @@
 -- a long pause of the worker) is taken back: the attempt still owns the shard, and no death is counted.
 local run, index, worker, lease_ms, attempt = ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[8])
 local lease = lease_key(run, index)
-redis.call('SET', seen_key, now)
 local holder = redis.call('GET', lease)
 local shard = nil
 if holder ~= worker then
