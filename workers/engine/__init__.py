@@ -4,6 +4,8 @@
     scheduler.py      admission, prefill planning, retiring: which sample is in which cache row
     model_runner.py   the forward paths: the engine's own step, compiled, or the model's forward
     cache_sizing.py   slots per call and the KV cache that holds them (batch size auto)
+    prefix_cache.py   shared prompt blocks prefilled once, kept across calls
+    weight_formats.py the linear layers' format on this CPU: float32, bfloat16, int8
     llama_step.py, step_plan.py, kv_cache.py, slot_attention.py, packed_linear.py   what a step is made of
     sampling.py, stop.py    choosing tokens; stop strings
 """
