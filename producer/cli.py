@@ -566,7 +566,7 @@ def status(run_id: str | None, broker: str | None, as_json: bool, watch: bool, i
     from .status import status_view
 
     if not watch:
-        out.print(status_view(current), soft_wrap=True)  # commands it suggests stay whole, to copy
+        out.print(status_view(current))
         return
     from rich.live import Live
 

@@ -112,7 +112,7 @@ def test_rows_name_their_own_adapters_over_one_vllm_base(base_and_adapter, tmp_p
         assert one.returncode == 0, one.stderr
         expected = [r["generation"] for r in pq.read_table(out).to_pylist()]
         assert [got[p]["generation"] for p in positions] == expected, f"rows {positions} not served by {model.name}"
-    refused = run_cli("run", str(data), *common, "--engine", "shardgen")
+    refused = run_cli("run", str(data), *common, "--engine", "shardgen", "--overwrite")
     assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
         "error: per-row adapters (--adapter-column) run on vLLM, not on engine: add --engine vllm, or pass one "
         "adapter directory as --model")

@@ -55,7 +55,7 @@ def test_a_vllm_worker_killed_mid_shard_loses_and_doubles_no_row_and_matches_run
     mid_shard(run_id, redis_url)
     doomed.kill(signal.SIGKILL)
     hold.unlink()
-    vllm_worker(start_worker, model, redis_url)
+    vllm_worker(start_worker, model, redis_url, HELD_VLLM)  # the hold is gone: it runs freely
     status = wait_for_end(run_id, redis_url, timeout=300)
     assert status["state"] == "done" and status["reassigned"] == 1 and status["rows_done"] == 16
     distributed = collect_exactly_once(run_id, redis_url, tmp_path, 16)
@@ -88,7 +88,7 @@ def test_sigterm_gives_a_vllm_workers_shard_back_within_its_grace(tmp_path, redi
     assert leaving.process.wait(60) == 0
     assert "given back to its queue" in leaving.log_path.read_text(errors="replace")
     hold.unlink()
-    vllm_worker(start_worker, model, redis_url)
+    vllm_worker(start_worker, model, redis_url, HELD_VLLM)  # the hold is gone: it runs freely
     assert wait_for_end(run_id, redis_url, timeout=300)["state"] == "done"
     collect_exactly_once(run_id, redis_url, tmp_path, 8)
 

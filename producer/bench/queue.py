@@ -15,7 +15,7 @@ from typing import Any
 import click
 from rich.console import Console
 
-from shardgen.schemas.model import ModelSpec
+from shardgen.schemas.model import ModelSpec, pinned_engine
 from shardgen.schemas.run import RunSpec
 from shardgen.schemas.sampling import SamplingParams
 
@@ -145,7 +145,9 @@ def bench_queue(model: str, device: str, rows: int, shard_sizes: str, in_flight:
         params = SamplingParams(max_new_tokens=max_new_tokens, seed=seed)
 
         def make_spec(size: int) -> RunSpec:
-            return RunSpec(input=str(data), model=ModelSpec(model=model), params=params, shard_size=size)
+            # the run pins the engine the worker serves (schemas/model.py pinned_engine)
+            return RunSpec(input=str(data), model=ModelSpec(model=model, engine=pinned_engine(engine)), params=params,
+                           shard_size=size)
 
         if broker is None:
             redis_process, broker = start_private_redis(scratch)
