@@ -116,9 +116,6 @@ def distributed_rate(spec: RunSpec, work_dir: Path, broker: str) -> dict[str, An
 @click.option("--engine", default="auto", show_default=True,
               help="Generator of both modes: shardgen, vllm, hf-generate or auto (vLLM on CUDA when installed).")
 @click.option("--max-memory", help="KV cache budget of both modes (e.g. 1GiB) [default: each engine's own].")
-@click.option("--engine", default="auto", show_default=True,
-              help="Generator of both modes: shardgen, vllm, hf-generate or auto (vLLM on CUDA when installed).")
-@click.option("--max-memory", help="KV cache budget of both modes (e.g. 1GiB) [default: each engine's own].")
 @click.option("--broker", help="Redis URL to use [default: start a private redis-server on a free port].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the prompts and of generation.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
